@@ -1,0 +1,98 @@
+"""Address-space buses: one per space (port I/O, MMIO), mapping [base, base+len) to a device.
+
+A device is a pure state machine with `read(offset, size) -> bytes` and
+`write(offset, data) -> None`; it never sees the vCPU or the VM. Overlapping ranges are refused.
+Lookups are on the vCPU exit path, so they are a bisect over sorted bases, no allocation.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from typing import Protocol
+
+from kvmpy.errors import BusError
+
+log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+class Bus:
+    """Sorted, non-overlapping ranges -> devices. Unclaimed reads return all-ones (like real
+    hardware's floating bus); unclaimed writes are dropped."""
+
+    def __init__(self, name: str, limit: int):
+        self.name = name
+        self.limit = limit
+        self._bases: list[int] = []
+        self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device)
+        self._lock = threading.Lock()
+        self.unhandled = 0
+
+    def register(self, base: int, length: int, device: BusDevice) -> None:
+        if length <= 0 or base < 0 or base + length > self.limit:
+            raise BusError(f"registering {device!r} on {self.name} bus",
+                           detail=f"range [{base:#x}, {base + length:#x}) is empty or out of bounds")
+        end = base + length
+        with self._lock:
+            i = bisect.bisect_right(self._bases, base)
+            if i > 0 and self._entries[i - 1][1] > base:
+                b, e, d = self._entries[i - 1]
+                raise BusError(f"registering {device!r} on {self.name} bus",
+                               detail=f"[{base:#x}, {end:#x}) overlaps {d!r} at [{b:#x}, {e:#x})")
+            if i < len(self._entries) and self._entries[i][0] < end:
+                b, e, d = self._entries[i]
+                raise BusError(f"registering {device!r} on {self.name} bus",
+                               detail=f"[{base:#x}, {end:#x}) overlaps {d!r} at [{b:#x}, {e:#x})")
+            # Copy-on-write so lookups from vCPU threads never need the lock.
+            bases = list(self._bases)
+            entries = list(self._entries)
+            bases.insert(i, base)
+            entries.insert(i, (base, end, device))
+            self._entries, self._bases = entries, bases
+
+    def unregister(self, base: int) -> BusDevice:
+        with self._lock:
+            i = bisect.bisect_left(self._bases, base)
+            if i == len(self._bases) or self._bases[i] != base:
+                raise BusError(f"unregistering from {self.name} bus", detail=f"nothing at {base:#x}")
+            entries = list(self._entries)
+            bases = list(self._bases)
+            dev = entries.pop(i)[2]
+            bases.pop(i)
+            self._entries, self._bases = entries, bases
+            return dev
+
+    def lookup(self, addr: int) -> tuple[BusDevice, int] | None:
+        """(device, offset) for an address, or None."""
+        entries = self._entries
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            base, end, dev = entries[i]
+            if addr < end:
+                return dev, addr - base
+        return None
+
+    def read(self, addr: int, size: int) -> bytes:
+        hit = self.lookup(addr)
+        if hit is None:
+            self.unhandled += 1
+            return b"\xff" * size
+        dev, off = hit
+        return dev.read(off, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        hit = self.lookup(addr)
+        if hit is None:
+            self.unhandled += 1
+            return
+        dev, off = hit
+        dev.write(off, data)
+
+    def devices(self) -> list[tuple[int, int, BusDevice]]:
+        return list(self._entries)
