@@ -1,0 +1,19 @@
+"""Arguments of `kvmpy boot`, in the spirit of QEMU's flags (kept apart so the parser builds
+without importing the machine)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_boot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", required=True, help="bzImage, ELF vmlinux with a PVH note, or multiboot image")
+    p.add_argument("--initrd", help="initial ramdisk")
+    p.add_argument("--append", default="", help="kernel command line")
+    p.add_argument("-m", "--memory", default="512M", help="guest RAM, e.g. 512M, 2G (default 512M)")
+    p.add_argument("--smp", type=int, default=1, help="number of vCPUs")
+    p.add_argument("--serial", default="stdio",
+                   help="COM1 backend: stdio, file:PATH, unix:PATH (socket), null")
+    p.add_argument("--no-reboot", action="store_true", help="exit instead of restarting on guest reboot")
+    p.add_argument("--device", default="/dev/kvm", help="KVM device path")
+    p.add_argument("--force", action="store_true",
+                   help="boot even when the host KVM is PVM and the kernel is not PVM-aware")

@@ -1,0 +1,72 @@
+"""The `kvmpy` command line: argv -> subcommand handler -> exit code.
+
+Every KvmpyError becomes one line on stderr and a non-zero exit; no tracebacks reach users
+unless --log-level debug asks for them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from kvmpy.errors import KvmpyError
+
+log = logging.getLogger("kvmpy")
+
+
+def _handler(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return getattr(importlib.import_module(module), func)(args)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmpy", description="A KVM userspace VMM in Python")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"], help="logging verbosity")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="print this host's KVM facts and what they mean")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--device", default="/dev/kvm", help="KVM device path")
+    info.set_defaults(func=_handler("kvmpy.hostinfo", "main"))
+
+    bench = sub.add_parser("bench", help="micro-benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    ex = bsub.add_parser("exits", help="port-I/O exit round trips through the dispatch path")
+    ex.add_argument("--count", type=int, default=20000)
+    ex.add_argument("--device", default="/dev/kvm")
+    ex.set_defaults(func=_handler("kvmpy.bench", "exits_main"))
+
+    from kvmpy.bootargs import add_boot_arguments
+    boot = sub.add_parser("boot", help="boot a kernel (bzImage, PVH ELF or multiboot)")
+    add_boot_arguments(boot)
+    boot.set_defaults(func=_handler("kvmpy.bootcmd", "main"))
+
+    nested = sub.add_parser("nested", help="run commands inside the nested hardware-KVM harness")
+    nested.add_argument("nested_args", nargs=argparse.REMAINDER)
+    nested.set_defaults(func=_handler("kvmpy.nested.cli", "main"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="kvmpy: %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KvmpyError as e:
+        if args.log_level == "debug":
+            log.exception("failed")
+        print(f"kvmpy: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvmpy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
