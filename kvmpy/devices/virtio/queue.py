@@ -1,0 +1,262 @@
+"""Split virtqueue (virtio 1.2 section 2.7), device side, over a GuestMemory.
+
+Everything in the rings is written by the guest, so every index, address, length and flag is
+checked; a violation raises QueueError and the device marks itself DEVICE_NEEDS_RESET. The
+pop/push path is the hot loop: struct formats are precompiled and the rings are read through
+memoryviews cached at activation (the rings must each lie inside one RAM range).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from kvmpy.errors import DeviceError, GuestMemoryError, StateError
+from kvmpy.memslots import GuestMemory
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+MAX_QUEUE_SIZE = 32768
+MAX_CHAIN_BYTES = 1 << 32  # a chain's total length must fit the used ring's 32-bit len field
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class QueueError(DeviceError):
+    """The driver put something invalid in a virtqueue; the device must be reset."""
+
+
+@dataclass(slots=True)
+class DescChain:
+    """One popped request: its head index and the guest (addr, len) segments, readable first."""
+    head: int
+    readable: list[tuple[int, int]]
+    writable: list[tuple[int, int]]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+
+def slice_segments(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """The sub-list of (addr, len) segments covering bytes [start, start+length) of `segs`."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    end = start + length
+    for addr, n in segs:
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            out.append((addr + lo - pos, hi - lo))
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """vring_need_event: has `event` been crossed moving the index from `old` to `new`?"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+@dataclass
+class VirtqueueState:
+    size: int
+    ready: bool
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    last_avail_idx: int
+    used_idx: int
+    signalled_used: int
+    msix_vector: int
+    event_idx: bool
+    indirect: bool
+
+
+class Virtqueue:
+    """Device side of one split virtqueue. Registers (size, addresses) are set by the transport,
+    then `activate()` validates them and caches views of the rings."""
+
+    def __init__(self, mem: GuestMemory, index: int, max_size: int = 256):
+        if not (0 < max_size <= MAX_QUEUE_SIZE and max_size & (max_size - 1) == 0):
+            raise DeviceError("creating a virtqueue", detail=f"max size {max_size} is not a power of 2")
+        self.mem = mem
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.msix_vector = 0xFFFF
+        self.event_idx = False
+        self.indirect = False
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
+
+    # -- activation ---------------------------------------------------------------------------
+    def activate(self, event_idx: bool = False, indirect: bool = False) -> None:
+        """Validate size and ring addresses (alignment, inside RAM) and cache the ring views."""
+        size = self.size
+        if not (0 < size <= self.max_size and size & (size - 1) == 0):
+            raise QueueError(f"activating queue {self.index}", detail=f"size {size} is not a power of 2 <= {self.max_size}")
+        for name, addr, align in (("descriptor table", self.desc_addr, 16), ("avail ring", self.avail_addr, 2),
+                                  ("used ring", self.used_addr, 4)):
+            if addr % align:
+                raise QueueError(f"activating queue {self.index}", detail=f"{name} {addr:#x} not {align}-byte aligned")
+        try:
+            self._desc = self.mem.buffer(self.desc_addr, 16 * size)
+            self._avail = self.mem.buffer(self.avail_addr, 6 + 2 * size)
+            self._used = self.mem.buffer(self.used_addr, 6 + 8 * size)
+        except GuestMemoryError as e:
+            self._desc = self._avail = self._used = None
+            raise QueueError(f"activating queue {self.index}", detail=f"ring outside guest RAM: {e.detail}") from None
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.ready = True
+
+    def deactivate(self) -> None:
+        self._desc = self._avail = self._used = None
+        self.ready = False
+
+    # -- the hot path -------------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def has_pending(self) -> bool:
+        return self._avail is not None and self.avail_idx() != self.last_avail_idx
+
+    def pop(self) -> DescChain | None:
+        """The next available chain, validated, or None when the ring is empty."""
+        avail = self._avail
+        if avail is None:
+            return None
+        size = self.size
+        pending = (_U16.unpack_from(avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            if not self.event_idx:
+                return None
+            # Publish where we stopped, then look once more so a racing driver is not missed.
+            _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
+            pending = (_U16.unpack_from(avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+            if pending == 0:
+                return None
+        if pending > size:
+            raise QueueError(f"queue {self.index}", detail=f"avail index jumped {pending} entries ahead (size {size})")
+        head = _U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx & (size - 1)))[0]
+        chain = self._walk(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
+        return chain
+
+    def _walk(self, head: int) -> DescChain:
+        size = self.size
+        if head >= size:
+            raise QueueError(f"queue {self.index}", detail=f"head index {head} >= size {size}")
+        contains = self.mem.contains
+        table = self._desc
+        table_len = size
+        in_indirect = False
+        idx = head
+        count = 0
+        total = 0
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        while True:
+            if idx >= table_len:
+                raise QueueError(f"queue {self.index}", detail=f"next index {idx} >= table length {table_len}")
+            count += 1
+            if count > table_len:
+                raise QueueError(f"queue {self.index}", detail="descriptor chain loops or exceeds the table")
+            addr, length, flags, nxt = _DESC.unpack_from(table, idx << 4)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect or in_indirect or flags & VIRTQ_DESC_F_NEXT:
+                    raise QueueError(f"queue {self.index}", detail=f"indirect descriptor not allowed here (flags {flags:#x})")
+                if length == 0 or length & 15 or (length >> 4) > size:
+                    raise QueueError(f"queue {self.index}", detail=f"indirect table length {length} invalid")
+                if not contains(addr, length):
+                    raise QueueError(f"queue {self.index}", detail=f"indirect table [{addr:#x}+{length}] outside RAM")
+                table = self.mem.buffer(addr, length)
+                table_len = length >> 4
+                in_indirect = True
+                idx = 0
+                count = 0
+                continue
+            if not contains(addr, length):
+                raise QueueError(f"queue {self.index}", detail=f"buffer [{addr:#x}+{length}] outside RAM")
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise QueueError(f"queue {self.index}", detail="chain longer than 4 GiB")
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise QueueError(f"queue {self.index}", detail="readable descriptor after a writable one")
+            else:
+                readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return DescChain(head, readable, writable)
+            idx = nxt
+
+    def push(self, chain: DescChain, written: int) -> None:
+        """Return a chain to the driver, saying how many bytes the device wrote into it."""
+        used = self._used
+        if used is None:
+            return
+        written = max(0, min(written, chain.writable_len))
+        _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx & (self.size - 1)), chain.head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(used, 2, self.used_idx)
+
+    def should_notify(self) -> bool:
+        """After a batch of pushes: does the driver want an interrupt (EVENT_IDX/NO_INTERRUPT)?"""
+        avail = self._avail
+        if avail is None or self.used_idx == self.signalled_used:
+            return False
+        old, new = self.signalled_used, self.used_idx
+        self.signalled_used = new
+        if self.event_idx:
+            return need_event(_U16.unpack_from(avail, 4 + 2 * self.size)[0], new, old)
+        return not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    # -- state --------------------------------------------------------------------------------
+    def state(self) -> VirtqueueState:
+        return VirtqueueState(self.size, self.ready, self.desc_addr, self.avail_addr, self.used_addr,
+                              self.last_avail_idx, self.used_idx, self.signalled_used, self.msix_vector,
+                              self.event_idx, self.indirect)
+
+    def restore(self, s: VirtqueueState) -> None:
+        for name in ("last_avail_idx", "used_idx", "signalled_used", "msix_vector"):
+            v = getattr(s, name)
+            if not isinstance(v, int) or not 0 <= v <= 0xFFFF:
+                raise StateError(f"restoring queue {self.index}", detail=f"{name}={v!r} out of range")
+        for name in ("desc_addr", "avail_addr", "used_addr", "size"):
+            v = getattr(s, name)
+            if not isinstance(v, int) or not 0 <= v < 1 << 64:
+                raise StateError(f"restoring queue {self.index}", detail=f"{name}={v!r} out of range")
+        if ((s.last_avail_idx - s.used_idx) & 0xFFFF) > s.size:
+            # the device can never have more chains in flight than the ring holds
+            raise StateError(f"restoring queue {self.index}", detail="used index inconsistent with avail index")
+        self.reset()
+        self.size, self.desc_addr, self.avail_addr, self.used_addr = s.size, s.desc_addr, s.avail_addr, s.used_addr
+        self.msix_vector = s.msix_vector
+        if s.ready:
+            try:
+                self.activate(bool(s.event_idx), bool(s.indirect))
+            except QueueError as e:
+                self.reset()
+                raise StateError(f"restoring queue {self.index}", detail=str(e)) from None
+        self.last_avail_idx, self.used_idx, self.signalled_used = s.last_avail_idx, s.used_idx, s.signalled_used
