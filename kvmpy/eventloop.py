@@ -1,0 +1,183 @@
+"""One I/O thread for device work: epoll over eventfds (ioeventfd notifies, TAP, sockets).
+
+vCPU threads never run device code; KVM signals an ioeventfd, this loop wakes and calls the
+device. A callback that raises is logged (rate-limited, since a guest can trigger it) and the
+loop carries on: one broken device must not take the others down.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from kvmpy.errors import KvmpyError
+
+log = logging.getLogger(__name__)
+
+
+class RateLimitedLog:
+    """At most `burst` messages per `interval` seconds per key; the rest are counted and the
+    count is reported with the next message that gets through."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 5.0, burst: int = 5):
+        self.logger = logger
+        self.interval = interval
+        self.burst = burst
+        self._windows: dict[str, tuple[float, int, int]] = {}  # key -> (start, sent, dropped)
+
+    def log(self, level: int, key: str, msg: str, *args: Any, exc_info: bool = False) -> bool:
+        now = time.monotonic()
+        start, sent, dropped = self._windows.get(key, (now, 0, 0))
+        if now - start >= self.interval:
+            start, sent = now, 0
+        if sent >= self.burst:
+            self._windows[key] = (start, sent, dropped + 1)
+            return False
+        if dropped:
+            msg += f" ({dropped} similar messages suppressed)"
+        self._windows[key] = (start, sent + 1, 0)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def warning(self, key: str, msg: str, *args: Any) -> bool:
+        return self.log(logging.WARNING, key, msg, *args)
+
+
+class EventLoop:
+    """A selector loop on its own thread. All methods except `run` are thread-safe."""
+
+    def __init__(self, name: str = "kvmpy-io"):
+        self.name = name
+        self._selector = selectors.DefaultSelector()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
+        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._timers: list[tuple[float, int, Callable[..., Any], tuple[Any, ...]]] = []
+        self._timer_seq = itertools.count()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._errlog = RateLimitedLog(log)
+        self.callback_errors = 0
+
+    # -- registration -------------------------------------------------------------------------
+    def add_reader(self, fd: int, callback: Callable[[], Any]) -> None:
+        """Call `callback()` on this loop's thread whenever `fd` is readable."""
+        with self._lock:
+            try:
+                self._selector.register(fd, selectors.EVENT_READ, callback)
+            except (KeyError, ValueError, OSError) as e:
+                raise KvmpyError("adding a reader to the event loop",
+                                 errno=getattr(e, "errno", None), detail=f"fd {fd}: {e}") from None
+        self._wake()
+
+    def add_eventfd(self, fd: int, callback: Callable[[], Any]) -> None:
+        """Like add_reader, but drains the eventfd counter before calling back."""
+        def drain_then_call() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            callback()
+        self.add_reader(fd, drain_then_call)
+
+    def remove_reader(self, fd: int) -> bool:
+        with self._lock:
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError):
+                return False
+        self._wake()
+        return True
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        self._pending.append((callback, args))
+        self._wake()
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            heapq.heappush(self._timers, (time.monotonic() + max(0.0, delay), next(self._timer_seq),
+                                          callback, args))
+        self._wake()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise KvmpyError("starting the event loop", detail="already started")
+        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Ask the loop to finish and wait for its thread (unless called from it)."""
+        self._stopping = True
+        self._wake()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        self._selector.close()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        """The loop body; `start()` runs it on a thread, tests may call it directly."""
+        while not self._stopping:
+            timeout = self._next_timeout()
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                    continue
+                self._invoke(key.data, (), f"fd {key.fd}")
+            self._run_timers()
+            while self._pending:
+                cb, args = self._pending.popleft()
+                self._invoke(cb, args, getattr(cb, "__qualname__", repr(cb)))
+        self._stopping = False
+
+    # -- internals ----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._wake_fd >= 0:
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass
+
+    def _next_timeout(self) -> float | None:
+        if self._pending:
+            return 0.0
+        with self._lock:
+            if not self._timers:
+                return None
+            return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        due = []
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers))
+        for _, _, cb, args in due:
+            self._invoke(cb, args, getattr(cb, "__qualname__", repr(cb)))
+
+    def _invoke(self, cb: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
+        try:
+            cb(*args)
+        except Exception:  # isolate: a device's bug must not kill the I/O thread
+            self.callback_errors += 1
+            self._errlog.log(logging.ERROR, what, "event loop callback %s failed", what, exc_info=True)
