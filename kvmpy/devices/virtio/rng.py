@@ -1,0 +1,68 @@
+"""virtio-rng (device type 4): fills the guest's writable buffers from os.getrandom.
+
+Each request is capped (`max_bytes_per_request`) and each notify handles at most
+`max_bytes_per_notify`, so a guest cannot make the I/O thread spin on host entropy; anything
+left stays queued and is served on the next kick.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from kvmpy.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
+from kvmpy.devices.virtio.queue import slice_segments
+from kvmpy.errors import DeviceError, StateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RngState:
+    """virtio-rng has no device state beyond its queue; kept for a uniform state()."""
+    version: int = 1
+
+
+class VirtioRng(VirtioDevice):
+    device_type = VIRTIO_ID_RNG
+    num_queues = 1
+    name = "rng"
+    pci_class = 0xFF0000
+
+    def __init__(self, max_bytes_per_request: int = 4096, max_bytes_per_notify: int = 1 << 20):
+        super().__init__()
+        if max_bytes_per_request <= 0 or max_bytes_per_notify < max_bytes_per_request:
+            raise DeviceError("creating virtio-rng", detail="byte bounds must be positive and per-notify >= per-request")
+        self.max_bytes_per_request = max_bytes_per_request
+        self.max_bytes_per_notify = max_bytes_per_notify
+        self.bytes_served = 0
+
+    def process_queue(self, index: int) -> None:
+        q = self.queues[index]
+        mem = self.mem
+        assert mem is not None
+        budget = self.max_bytes_per_notify
+        pushed = False
+        while budget > 0 and (chain := q.pop()) is not None:
+            want = min(chain.writable_len, self.max_bytes_per_request, budget)
+            try:
+                data = os.getrandom(want) if want else b""
+            except OSError as e:
+                raise DeviceError("reading host entropy", errno=e.errno) from None
+            pos = 0
+            for addr, n in slice_segments(chain.writable, 0, len(data)):
+                mem.buffer(addr, n)[:] = data[pos:pos + n]
+                pos += n
+            q.push(chain, len(data))
+            budget -= len(data)
+            self.bytes_served += len(data)
+            pushed = True
+        if pushed:
+            self.signal_used(q)
+
+    def device_state(self) -> RngState:
+        return RngState()
+
+    def restore_device_state(self, state: object) -> None:
+        if not isinstance(state, RngState) or state.version != 1:
+            raise StateError("restoring virtio-rng", detail=f"unexpected state {state!r}")
