@@ -1,1 +1,1 @@
-"""kvmpy.vcpu"""
+"""vCPU threads, exit dispatch and vCPU state capture/restore (above kvmpy.ioctl)."""
