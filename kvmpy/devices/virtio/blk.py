@@ -1,0 +1,275 @@
+"""virtio-blk (device type 2) over a raw image file.
+
+Data moves with os.preadv/os.pwritev straight between the file and memoryviews of guest RAM.
+Every request is checked (header size, sector range, 512-byte multiples, segment lists) and a
+bad one is answered IOERR/UNSUPP; only a broken ring resets the device. The image is locked with
+flock (exclusive, or shared when read-only) so two VMs cannot write one disk.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from kvmpy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from kvmpy.devices.virtio.queue import DescChain, slice_segments
+from kvmpy.errors import ConfigError, DeviceError, StateError
+from kvmpy.eventloop import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO = 1 << 1, 1 << 2, 1 << 5
+VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH = 1 << 6, 1 << 9
+VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES = 1 << 13, 1 << 14
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+ID_BYTES = 20
+SIZE_MAX = 1 << 20          # per-segment bound advertised to the driver
+MAX_DISCARD_SECTORS = 1 << 22
+MAX_DISCARD_SEG = 32
+WRITE_ZEROES_UNMAP = 1
+_HDR = struct.Struct("<IIQ")
+_SEG = struct.Struct("<QII")
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    file: str
+    readonly: bool = False
+    serial: str = ""
+
+
+def parse_drive_spec(text: str) -> DriveSpec:
+    """'file=disk.img[,readonly=on][,serial=...]' -> DriveSpec (raises ConfigError)."""
+    opts: dict[str, str] = {}
+    for part in text.split(","):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError("parsing --drive", detail=f"{part!r} is not key=value")
+        if key not in ("file", "readonly", "serial", "format", "if"):
+            raise ConfigError("parsing --drive", detail=f"unknown option {key!r}")
+        opts[key] = value
+    if not opts.get("file"):
+        raise ConfigError("parsing --drive", detail=f"{text!r} has no file=")
+    if opts.get("format", "raw") != "raw" or opts.get("if", "virtio") != "virtio":
+        raise ConfigError("parsing --drive", detail="only format=raw and if=virtio are supported")
+    ro = opts.get("readonly", "off").lower()
+    if ro not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+        raise ConfigError("parsing --drive", detail=f"readonly={ro!r} is not on/off")
+    serial = opts.get("serial", "")
+    if len(serial.encode()) > ID_BYTES:
+        raise ConfigError("parsing --drive", detail=f"serial {serial!r} is longer than {ID_BYTES} bytes")
+    return DriveSpec(opts["file"], ro in ("on", "true", "yes", "1"), serial)
+
+
+@dataclass
+class BlkState:
+    capacity: int
+    readonly: bool
+    serial: str
+
+
+class VirtioBlk(VirtioDevice):
+    device_type = VIRTIO_ID_BLOCK
+    num_queues = 1
+    name = "blk"
+    pci_class = 0x018000
+
+    def __init__(self, spec: DriveSpec):
+        super().__init__()
+        self.spec = spec
+        self.readonly = spec.readonly
+        self.serial = spec.serial.encode()[:ID_BYTES]
+        self.seg_max = self.queue_max_size - 2
+        self._ratelog = RateLimitedLog(log)
+        try:
+            self.fd = os.open(spec.file, (os.O_RDONLY if spec.readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise ConfigError(f"opening disk image {spec.file!r}", errno=e.errno) from None
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if spec.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = -1
+            detail = "it is in use by another VM" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+            raise DeviceError(f"locking disk image {spec.file!r}", errno=e.errno, detail=detail) from None
+        self.capacity = os.fstat(self.fd).st_size // SECTOR
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+    def device_features(self) -> int:
+        f = VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        if self.readonly:
+            return f | VIRTIO_BLK_F_RO
+        return f | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+
+    def config_bytes(self) -> bytes:
+        return struct.pack("<QII HBB I BBHI BBH IIIII B3x", self.capacity, SIZE_MAX, self.seg_max, 0, 0, 0, SECTOR,
+                           0, 0, 1, 0, 0, 0, 1, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
+                           MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
+
+    def process_queue(self, index: int) -> None:
+        q = self.queues[index]
+        pushed = False
+        while (chain := q.pop()) is not None:
+            q.push(chain, self._handle(chain))
+            pushed = True
+        if pushed:
+            self.signal_used(q)
+
+    # -- one request ---------------------------------------------------------------------------
+    def _handle(self, chain: DescChain) -> int:
+        """Run one request; returns bytes written into the chain (data + status byte)."""
+        mem = self.mem
+        assert mem is not None
+        if chain.readable_len < _HDR.size or chain.writable_len < 1:
+            self._ratelog.warning("malformed", "%s: request without header or status byte", self.spec.file)
+            if chain.writable_len >= 1:
+                self._put_status(chain, S_IOERR)
+                return 1
+            return 0
+        hdr = b"".join(mem.read(a, n) for a, n in slice_segments(chain.readable, 0, _HDR.size))
+        rtype, _, sector = _HDR.unpack(hdr)
+        out_data = slice_segments(chain.readable, _HDR.size, chain.readable_len - _HDR.size)
+        in_len = chain.writable_len - 1
+        in_data = slice_segments(chain.writable, 0, in_len)
+        written = 0
+        if rtype == T_IN:
+            status = self._rw(sector, in_data, in_len, write=False)
+            written = in_len if status == S_OK else 0
+        elif rtype == T_OUT:
+            status = S_IOERR if self.readonly else self._rw(sector, out_data, chain.readable_len - _HDR.size, True)
+        elif rtype == T_FLUSH:
+            status = self._flush()
+        elif rtype == T_GET_ID:
+            ident = self.serial.ljust(ID_BYTES, b"\x00")[:min(ID_BYTES, in_len)]
+            self._scatter(in_data, ident)
+            status, written = S_OK, len(ident)
+        elif rtype in (T_DISCARD, T_WRITE_ZEROES):
+            status = S_UNSUPP if self.readonly else self._discard(out_data, chain.readable_len - _HDR.size,
+                                                                 rtype == T_WRITE_ZEROES)
+        else:
+            status = S_UNSUPP
+        self._put_status(chain, status)
+        return written + 1
+
+    def _put_status(self, chain: DescChain, status: int) -> None:
+        addr, _ = slice_segments(chain.writable, chain.writable_len - 1, 1)[0]
+        self.mem.write(addr, bytes([status]))  # type: ignore[union-attr]
+
+    def _scatter(self, segs: list[tuple[int, int]], data: bytes) -> None:
+        pos = 0
+        for addr, n in segs:
+            if pos >= len(data):
+                break
+            piece = data[pos:pos + n]
+            self.mem.write(addr, piece)  # type: ignore[union-attr]
+            pos += len(piece)
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        return nbytes % SECTOR == 0 and sector <= self.capacity and nbytes // SECTOR <= self.capacity - sector
+
+    def _rw(self, sector: int, segs: list[tuple[int, int]], nbytes: int, write: bool) -> int:
+        if not self._in_range(sector, nbytes):
+            self._ratelog.warning("range", "%s: request sector=%d bytes=%d beyond capacity %d",
+                                  self.spec.file, sector, nbytes, self.capacity)
+            return S_IOERR
+        if nbytes == 0:
+            return S_OK
+        mem = self.mem
+        assert mem is not None
+        views = [mem.buffer(a, n) for a, n in segs]
+        offset = sector * SECTOR
+        try:
+            while views:  # short reads/writes: continue where the syscall stopped
+                batch = views[:1024]
+                done = os.pwritev(self.fd, batch, offset) if write else os.preadv(self.fd, batch, offset)
+                if done <= 0:
+                    raise OSError(errno.EIO, "short transfer")
+                offset += done
+                while views and done >= len(views[0]):
+                    done -= len(views.pop(0))
+                if done:
+                    views[0] = views[0][done:]
+        except OSError as e:
+            self._ratelog.warning("io", "%s: %s failed: %s", self.spec.file, "write" if write else "read", e)
+            return S_IOERR
+        return S_OK
+
+    def _flush(self) -> int:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            self._ratelog.warning("flush", "%s: fdatasync failed: %s", self.spec.file, e)
+            return S_IOERR
+        return S_OK
+
+    def _discard(self, segs: list[tuple[int, int]], nbytes: int, zeroes: bool) -> int:
+        if nbytes == 0 or nbytes % _SEG.size or nbytes // _SEG.size > MAX_DISCARD_SEG:
+            return S_IOERR
+        raw = b"".join(self.mem.read(a, n) for a, n in segs)  # type: ignore[union-attr]
+        ranges = []
+        for off in range(0, nbytes, _SEG.size):
+            sector, count, flags = _SEG.unpack_from(raw, off)
+            if flags & ~WRITE_ZEROES_UNMAP or (flags and not zeroes) or count > MAX_DISCARD_SECTORS \
+                    or not self._in_range(sector, count * SECTOR):
+                return S_IOERR
+            ranges.append((sector * SECTOR, count * SECTOR))
+        for offset, length in ranges:
+            if length == 0:
+                continue
+            try:
+                if zeroes:
+                    self._zero_range(offset, length)
+                else:
+                    fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as e:
+                if zeroes or e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    self._ratelog.warning("discard", "%s: discard/zero failed: %s", self.spec.file, e)
+                    return S_IOERR
+                # discard is only a hint: a filesystem without hole punching simply ignores it
+        return S_OK
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            chunk = bytes(min(length, 1 << 20))
+            while length:
+                n = os.pwrite(self.fd, chunk[:min(length, len(chunk))], offset)
+                offset, length = offset + n, length - n
+
+    # -- state ---------------------------------------------------------------------------------
+    def device_state(self) -> BlkState:
+        return BlkState(self.capacity, self.readonly, self.serial.decode(errors="replace"))
+
+    def restore_device_state(self, state: object) -> None:
+        if not isinstance(state, BlkState):
+            raise StateError(f"restoring virtio-blk {self.spec.file}", detail="not a BlkState")
+        if state.capacity != self.capacity or state.readonly != self.readonly:
+            raise StateError(f"restoring virtio-blk {self.spec.file}",
+                             detail=f"saved disk had {state.capacity} sectors ro={state.readonly}, "
+                                    f"this one {self.capacity} ro={self.readonly}")
