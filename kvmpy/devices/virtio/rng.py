@@ -1,14 +1,15 @@
 """virtio-rng (device type 4): fills the guest's writable buffers from os.getrandom.
 
-Each request is capped (`max_bytes_per_request`) and each notify handles at most
-`max_bytes_per_notify`, so a guest cannot make the I/O thread spin on host entropy; anything
-left stays queued and is served on the next kick.
+Each request is capped (`max_bytes_per_request`). Given a `call_later(delay, fn, *args)`
+(the event loop's), each pass serves at most `max_bytes_per_notify` and the rest is picked up
+`defer_s` later, so a guest cannot make the I/O thread spin on host entropy.
 """
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from kvmpy.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
 from kvmpy.devices.virtio.queue import slice_segments
@@ -29,21 +30,24 @@ class VirtioRng(VirtioDevice):
     name = "rng"
     pci_class = 0xFF0000
 
-    def __init__(self, max_bytes_per_request: int = 4096, max_bytes_per_notify: int = 1 << 20):
+    def __init__(self, max_bytes_per_request: int = 4096, max_bytes_per_notify: int = 1 << 20,
+                 call_later: Callable[..., Any] | None = None, defer_s: float = 0.01):
         super().__init__()
         if max_bytes_per_request <= 0 or max_bytes_per_notify < max_bytes_per_request:
             raise DeviceError("creating virtio-rng", detail="byte bounds must be positive and per-notify >= per-request")
         self.max_bytes_per_request = max_bytes_per_request
         self.max_bytes_per_notify = max_bytes_per_notify
+        self.call_later = call_later
+        self.defer_s = defer_s
         self.bytes_served = 0
 
     def process_queue(self, index: int) -> None:
         q = self.queues[index]
         mem = self.mem
         assert mem is not None
-        budget = self.max_bytes_per_notify
+        budget = self.max_bytes_per_notify if self.call_later is not None else 1 << 62
         pushed = False
-        while budget > 0 and (chain := q.pop()) is not None:
+        while (chain := q.pop() if budget > 0 else None) is not None:
             want = min(chain.writable_len, self.max_bytes_per_request, budget)
             try:
                 data = os.getrandom(want) if want else b""
@@ -59,6 +63,8 @@ class VirtioRng(VirtioDevice):
             pushed = True
         if pushed:
             self.signal_used(q)
+        if budget <= 0 and q.has_pending() and self.call_later is not None and self.kick is not None:
+            self.call_later(self.defer_s, self.kick, index)
 
     def device_state(self) -> RngState:
         return RngState()
