@@ -149,8 +149,12 @@ class VirtioBlk(VirtioDevice):
                 self._put_status(chain, S_IOERR)
                 return 1
             return 0
-        hdr = b"".join(mem.read(a, n) for a, n in slice_segments(chain.readable, 0, _HDR.size))
-        rtype, _, sector = _HDR.unpack(hdr)
+        first_addr, first_len = chain.readable[0]
+        if first_len >= _HDR.size:  # the usual layout: the header has its own descriptor
+            rtype, _, sector = _HDR.unpack_from(mem.buffer(first_addr, _HDR.size))
+        else:
+            hdr = b"".join(mem.read(a, n) for a, n in slice_segments(chain.readable, 0, _HDR.size))
+            rtype, _, sector = _HDR.unpack(hdr)
         out_data = slice_segments(chain.readable, _HDR.size, chain.readable_len - _HDR.size)
         in_len = chain.writable_len - 1
         in_data = slice_segments(chain.writable, 0, in_len)
@@ -175,8 +179,12 @@ class VirtioBlk(VirtioDevice):
         return written + 1
 
     def _put_status(self, chain: DescChain, status: int) -> None:
-        addr, _ = slice_segments(chain.writable, chain.writable_len - 1, 1)[0]
-        self.mem.write(addr, bytes([status]))  # type: ignore[union-attr]
+        addr, n = chain.writable[-1]
+        if n == 0:
+            addr, _ = slice_segments(chain.writable, chain.writable_len - 1, 1)[0]
+        else:
+            addr += n - 1
+        self.mem.buffer(addr, 1)[0] = status  # type: ignore[union-attr]
 
     def _scatter(self, segs: list[tuple[int, int]], data: bytes) -> None:
         pos = 0

@@ -36,14 +36,8 @@ class DescChain:
     head: int
     readable: list[tuple[int, int]]
     writable: list[tuple[int, int]]
-
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+    readable_len: int = 0
+    writable_len: int = 0
 
 
 def slice_segments(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
@@ -174,6 +168,7 @@ class Virtqueue:
         idx = head
         count = 0
         total = 0
+        wlen = 0
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         while True:
@@ -203,12 +198,13 @@ class Virtqueue:
                 raise QueueError(f"queue {self.index}", detail="chain longer than 4 GiB")
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
+                wlen += length
             elif writable:
                 raise QueueError(f"queue {self.index}", detail="readable descriptor after a writable one")
             else:
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescChain(head, readable, writable)
+                return DescChain(head, readable, writable, total - wlen, wlen)
             idx = nxt
 
     def push(self, chain: DescChain, written: int) -> None:
