@@ -8,7 +8,7 @@ import struct
 
 from kvmpy.devices.pci.config import CAP_ID_VENDOR, PCI_CAPABILITY_LIST, PciFunction
 from kvmpy.devices.virtio.device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
-                                         STATUS_FEATURES_OK, VIRTIO_F_VERSION_1)
+                                         STATUS_FEATURES_OK)
 from kvmpy.devices.virtio.queue import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
                                         VIRTQ_DESC_F_WRITE)
 from kvmpy.memslots import GuestMemory

@@ -8,7 +8,7 @@ memoryviews cached at activation (the rings must each lie inside one RAM range).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvmpy.errors import DeviceError, GuestMemoryError, StateError
 from kvmpy.memslots import GuestMemory
