@@ -203,3 +203,18 @@ def test_restore_rejects_bad_state(bad):
     uart, *_ = make()
     with pytest.raises(StateError):
         uart.restore(s.SerialState(**bad))
+
+
+def test_linux_startup_thre_retrigger_check():
+    # serial8250_do_startup: a UART that does not re-assert THRE after IER is toggled gets
+    # flagged UART_BUG_THRE and driven by a timer instead of interrupts. We must pass.
+    uart, irq, out, bus = make()
+    wr(bus, s.IER_DLM, s.IER_THRE)
+    iir1 = rd(bus, s.IIR_FCR)
+    wr(bus, s.IER_DLM, 0)
+    wr(bus, s.IER_DLM, s.IER_THRE)
+    iir = rd(bus, s.IIR_FCR)
+    wr(bus, s.IER_DLM, 0)
+    assert not iir1 & s.IIR_NO_INT and not iir & s.IIR_NO_INT
+    assert rd(bus, s.LSR) & s.LSR_TEMT
+    assert not irq.level
