@@ -105,13 +105,8 @@ class Console:
                     self._cond.wait()
                 if self._closing:
                     return
-            self._sleep(self.flush_delay_s)   # let a burst of single bytes gather
+                self._cond.wait(self.flush_delay_s)   # let a burst of single bytes gather
             self.flush()
-
-    def _sleep(self, seconds: float) -> None:
-        with self._cond:
-            if not self._closing:
-                self._cond.wait(seconds)
 
     def _emit(self, data: bytes) -> None:
         try:

@@ -3,7 +3,8 @@ control port B (0x61), and quiet sinks for ISA devices that are probed but absen
 
 Port 0x61 recommendation: create the in-kernel PIT with KVM_CREATE_PIT2 flags =
 KVM_PIT_SPEAKER_DUMMY. KVM then handles 0x61 itself, with OUT2 (bit 5) following the real
-channel-2 counter, so Linux's PIT-based TSC calibration works and no exit reaches Python.
+channel-2 counter, so Linux's PIT-based TSC calibration works and no exit reaches Python. (KVM claims 0x61-0x64
+for it but answers only 0x61; accesses to 0x64 still exit to the i8042.)
 `SystemControlPortB` is the fallback when that flag is not used: it cannot see the in-kernel
 PIT, so it makes OUT2 rise a fixed number of reads after the gate (bit 0) goes high, like a
 mode-0 one-shot. Calibration loops then terminate; Linux rejects the result and uses another
