@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from kvmpy.errors import BootError
 from kvmpy.boot.e820 import E820_MAX_ZERO_PAGE, build_e820
 from kvmpy.boot.entry import BootEntry, long_mode_entry, protected_mode_entry
 from kvmpy.boot.image import ImageBytes, load_initrd
