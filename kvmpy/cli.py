@@ -63,9 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("failed")
         print(f"kvmpy: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if args.log_level == "debug":
+            log.exception("failed")
+        print(f"kvmpy: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kvmpy: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line for users, the traceback under debug
+        log.debug("internal error", exc_info=True)
+        print(f"kvmpy: internal error: {type(e).__name__}: {e} (rerun with --log-level debug "
+              "for the traceback)", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

@@ -1,0 +1,367 @@
+"""The only composer: builds the VM, RAM, buses, devices and vCPUs from a MachineConfig, runs
+the guest until it ends, and turns how it ended into an exit status.
+
+Devices never see the VM: they get an offset, data, a guest-memory view and interrupt lines
+made here (kvmpy.interrupts). A reboot rebuilds everything but the consoles (QEMU-like), unless
+--no-reboot asks kvmpy to exit instead.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from kvmpy.boot import load_kernel
+from kvmpy.boot.cpuid import guest_cpuid
+from kvmpy.boot.entry import apply_entry
+from kvmpy.boot.mptable import PciInterrupt, write_mptable
+from kvmpy.boot.msrs import boot_msrs
+from kvmpy.devices.bus import Bus
+from kvmpy.devices.console import Console, open_console
+from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
+from kvmpy.devices.i8042 import I8042
+from kvmpy.devices.legacy import FastA20Port, PostCodePort, probe_sinks
+from kvmpy.devices.pci.host import PciRoot
+from kvmpy.devices.rtc import CmosRtc
+from kvmpy.devices.serial import REGISTER_WINDOW, Serial16550
+from kvmpy.devices.virtio.blk import VirtioBlk
+from kvmpy.devices.virtio.console import VirtioConsole
+from kvmpy.devices.virtio.rng import VirtioRng
+from kvmpy.devices.virtio.transport import VirtioPciDevice
+from kvmpy.errors import KvmpyError
+from kvmpy.eventloop import EventLoop
+from kvmpy.interrupts import KvmIrqLine, MsiRouter
+from kvmpy.ioctl import Kvm
+from kvmpy.ioctl._kvm import ffi, lib
+from kvmpy.memslots import GuestMemory
+from kvmpy.panicwatch import PanicWatch
+from kvmpy.vcpu.runner import StopKind, StopReason, VcpuThread, install_kick_signal
+from kvmpy.vmconfig import MachineConfig
+
+log = logging.getLogger(__name__)
+
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+PCI_CONFIG_PORT = 0xCF8
+PCI_INTX_PINS = (16, 17, 18, 19, 20, 21, 22, 23)
+LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
+APIC_MODE_EXTINT, APIC_MODE_NMI = 0x7, 0x4
+
+
+@dataclass(frozen=True)
+class MachineExit:
+    """How a run ended: the process exit status and one line saying why."""
+    status: int
+    reason: str
+
+
+class Machine:
+    """One guest. `run()` boots it and returns a MachineExit; `close()` frees everything."""
+
+    def __init__(self, config: MachineConfig, serial: Console | None = None,
+                 virtio_console: Console | None = None):
+        config.validate()
+        self.config = config
+        self.serial_console = serial if serial is not None else open_console(config.serial)
+        self.hvc_console = virtio_console
+        if self.hvc_console is None and config.virtio_console:
+            self.hvc_console = open_console(config.virtio_console)
+        self.panic = PanicWatch(self.serial_console.write)
+        self.kvm = Kvm(config.device)
+        self._host_cpuid = self.kvm.supported_cpuid()
+        self._done = threading.Event()
+        self._end: MachineExit | None = None
+        self._end_lock = threading.Lock()
+        self._reset_requested = False
+        self.vm = None
+        self.memory: GuestMemory | None = None
+        self.loop: EventLoop | None = None
+        self.router: MsiRouter | None = None
+        self.vcpu_threads: list[VcpuThread] = []
+        self.virtio: list[VirtioPciDevice] = []
+        self.boots = 0
+
+    # -- ending ------------------------------------------------------------------------------
+    def finish(self, status: int, reason: str) -> None:
+        """Record how the guest ended (first caller wins) and wake the main thread."""
+        with self._end_lock:
+            if self._end is None:
+                self._end = MachineExit(status, reason)
+        self._done.set()
+
+    def request_reset(self) -> None:
+        """Guest asked for a reset (i8042, port 0x92, triple fault under --no-reboot=off)."""
+        if self.config.no_reboot or self.panic.line is not None:
+            self._finish_reboot()
+        else:
+            with self._end_lock:
+                self._reset_requested = True
+            self._done.set()
+        self._stop_current_vcpu()
+
+    def _finish_reboot(self) -> None:
+        if self.panic.line is not None:
+            self.finish(2, f"guest kernel panic: {self.panic.line}")
+        else:
+            self.finish(0, "guest rebooted (--no-reboot)")
+
+    def _on_vcpu_stop(self, thread: VcpuThread, reason: StopReason) -> bool:
+        kind = reason.kind
+        if kind == StopKind.RESET:
+            self.request_reset()
+        elif kind == StopKind.SHUTDOWN:
+            if self.panic.line is not None:
+                self.finish(2, f"guest kernel panic: {self.panic.line}")
+            elif reason.detail and "system event" in reason.detail:
+                self.finish(0, "guest powered off")
+            else:
+                self.finish(3, f"guest triple fault on vCPU {thread.vcpu.id}"
+                               + (f": {reason.detail}" if reason.detail else ""))
+        elif kind == StopKind.CRASH:
+            self.finish(2, f"guest reported a crash: {reason.detail}")
+        elif kind == StopKind.EXIT_CODE:
+            self.finish(reason.exit_code or 0, reason.detail)
+        elif kind == StopKind.STOPPED:
+            pass
+        elif kind == StopKind.HALTED:
+            # Without a pending interrupt source a halted uniprocessor never wakes: say so.
+            self.finish(0, f"vCPU {thread.vcpu.id} halted")
+        else:
+            self.finish(4, f"vCPU {thread.vcpu.id} failed: {reason.detail}")
+        return False
+
+    # -- building ----------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        vm = self.vm = self.kvm.create_vm()
+        vm.set_tss_addr(TSS_ADDR)
+        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+        mem = self.memory = GuestMemory.create(cfg.memory)
+        for i, r in enumerate(mem.ranges):
+            vm.set_user_memory_region(r.slot, r.gpa, r.size, mem.host_address(i))
+        self.pio = Bus("pio", 0x10000)
+        self.mmio = Bus("mmio", 1 << 52)
+        self.loop = EventLoop()
+        self.router = MsiRouter(vm)
+        self._add_legacy_devices(vm, mem)
+        pci_irqs = self._add_pci_devices(vm, mem)
+        entry = load_kernel(mem, cfg.kernel, cfg.cmdline, cfg.initrd)
+        write_mptable(mem, cfg.smp, pci_irqs)
+        self._create_vcpus(entry)
+        self.loop.call_later(0.5, self._poll_rtc)
+
+    def _poll_rtc(self) -> None:
+        """Drive the RTC's update/alarm/periodic interrupts on the event-loop thread."""
+        loop = self.loop
+        if loop is None:
+            return
+        self.rtc.poll()
+        loop.call_later(self.rtc.poll_interval() or 0.5, self._poll_rtc)
+
+    def _add_legacy_devices(self, vm, mem: GuestMemory) -> None:
+        self.serial = Serial16550(KvmIrqLine(vm, COM1_IRQ), self.panic.write, name="com1")
+        self.pio.register(COM1_PORT, REGISTER_WINDOW, self.serial)
+        self.i8042 = I8042(on_reset=self.request_reset, kbd_irq=KvmIrqLine(vm, 1))
+        self.pio.register(0x60, 1, self.i8042.data_port)
+        self.pio.register(0x64, 1, self.i8042.command_port)
+        self.rtc = CmosRtc(KvmIrqLine(vm, 8))
+        below = sum(r.size for r in mem.ranges if r.gpa < (1 << 32))
+        self.rtc.set_memory_size(below, mem.size - below)
+        self.pio.register(0x70, 2, self.rtc)
+        self.pio.register(0x80, 1, PostCodePort())
+        self.pio.register(0x92, 1, FastA20Port(on_reset=self.request_reset))
+        self.pio.register(DEBUG_EXIT_PORT, 4, DebugExit(on_exit=self._debug_exit))
+        for base, length, sink in probe_sinks():
+            self.pio.register(base, length, sink)
+
+    def _debug_exit(self, code: int) -> None:
+        self.finish(code & 0xFF, f"guest wrote debug-exit code {code}")
+        self._stop_current_vcpu()
+
+    def _stop_current_vcpu(self) -> None:
+        """Called from a device on a vCPU thread: leave KVM_RUN before the next guest instruction."""
+        me = threading.current_thread()
+        for t in self.vcpu_threads:
+            if t._thread is me:
+                t.request_exit(0, "stopped by a device")
+
+    def _add_pci_devices(self, vm, mem: GuestMemory) -> list[PciInterrupt]:
+        self.pci = PciRoot(self.mmio, on_bar_moved=self._bar_moved)
+        self.pio.register(PCI_CONFIG_PORT, 8, self.pci)
+        backends = [VirtioBlk(spec) for spec in self.config.drives]
+        if self.config.rng:
+            backends.append(VirtioRng(call_later=self.loop.call_later))
+        if self.hvc_console is not None:
+            backends.append(VirtioConsole(self.hvc_console))
+        irqs: list[PciInterrupt] = []
+        for i, backend in enumerate(backends):
+            gsi = PCI_INTX_PINS[i % len(PCI_INTX_PINS)]
+            dev = VirtioPciDevice(backend, mem, intx=KvmIrqLine(vm, gsi))
+            sink = self.router.sink_for(dev)
+            dev.msix.sink = sink
+            dev.msix.on_vector_changed = sink.vector_changed
+            dev.notify_handler = self._notify_from_vcpu(dev)
+            self._eventfds: dict = getattr(self, "_eventfds", {})
+            slot = self.pci.add(dev, intx=dev.intx, gsi=gsi)
+            irqs.append(PciInterrupt(slot=slot, pin=1, ioapic_pin=gsi))
+            self.virtio.append(dev)
+            self._wire_notify(dev)
+        return irqs
+
+    def _notify_from_vcpu(self, dev: VirtioPciDevice):
+        loop = self.loop
+
+        def handler(queue: int) -> None:
+            loop.call_soon_threadsafe(dev.handle_notify, queue)
+        return handler
+
+    def _bar_moved(self, function, index, old, new) -> None:
+        if isinstance(function, VirtioPciDevice):
+            self._wire_notify(function)
+
+    def _wire_notify(self, dev: VirtioPciDevice) -> None:
+        """(Re)place one ioeventfd per queue at the device's notify addresses."""
+        import os
+        if not hasattr(self, "_eventfds"):
+            self._eventfds = {}
+        for (gpa, length, q, match), efd in list(self._eventfds.get(dev, {}).items()):
+            self.vm.ioeventfd(efd, gpa, length, datamatch=match, deassign=True)
+            self.loop.remove_reader(efd)
+            os.close(efd)
+        wired = {}
+        for na in dev.notify_addresses():
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.vm.ioeventfd(efd, na.gpa, na.length, datamatch=na.datamatch)
+            self.loop.add_eventfd(efd, lambda d=dev, q=na.queue_index: d.handle_notify(q))
+            wired[(na.gpa, na.length, na.queue_index, na.datamatch)] = efd
+        self._eventfds[dev] = wired
+
+    def _create_vcpus(self, entry) -> None:
+        cfg = self.config
+        for i in range(cfg.smp):
+            vcpu = self.vm.create_vcpu(i)
+            entries = [ffi.new("struct kvm_cpuid_entry2 *", e.as_dict())
+                       for e in guest_cpuid(self._cpuid_entries(), i, cfg.smp)]
+            vcpu.set_cpuid2(entries)
+            vcpu.set_msrs(boot_msrs())
+            self._set_lapic_lints(vcpu)
+            if i == 0:
+                regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+                apply_entry(regs, sregs, entry)
+                vcpu.set_sregs(sregs)
+                vcpu.set_regs(regs)
+                fpu = vcpu.get_fpu()
+                fpu.fcw = 0x37F
+                fpu.mxcsr = 0x1F80
+                vcpu.set_fpu(fpu)
+            self.vcpu_threads.append(VcpuThread(vcpu, self.pio, self.mmio, on_stop=self._on_vcpu_stop))
+
+    def _cpuid_entries(self) -> list:
+        c = self._host_cpuid
+        return [c.entries[i] for i in range(c.nent)]
+
+    @staticmethod
+    def _set_lapic_lints(vcpu) -> None:
+        """LINT0 = ExtINT (the PIC, virtual-wire mode), LINT1 = NMI, as the MP table says."""
+        lapic = vcpu.get_lapic()
+        buf = ffi.buffer(lapic.regs)
+        for off, mode in ((LAPIC_LVT0, APIC_MODE_EXTINT), (LAPIC_LVT1, APIC_MODE_NMI)):
+            v = int.from_bytes(buf[off:off + 4], "little")
+            v = (v & ~0x700 & ~0x10000) | (mode << 8)
+            buf[off:off + 4] = v.to_bytes(4, "little")
+        vcpu.set_lapic(lapic)
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self) -> MachineExit:
+        """Boot and run until the guest ends; reboots rebuild the machine unless --no-reboot."""
+        install_kick_signal()
+        self.serial = None
+        self.serial_console.start(_LateTarget(lambda: self.serial),
+                                  on_quit=lambda: self.finish(0, "quit from the console"))
+        vcon = None
+        if self.hvc_console is not None:
+            self.hvc_console.start(_LateTarget(lambda: vcon), on_quit=lambda: self.finish(0, "quit"))
+        deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
+        while True:
+            self.boots += 1
+            self._build()
+            if self.hvc_console is not None:
+                vcon = next((d.device for d in self.virtio if isinstance(d.device, VirtioConsole)), None)
+            self.loop.start()
+            for t in self.vcpu_threads:
+                t.start()
+            while not self._done.wait(0.2):
+                if deadline is not None and time.monotonic() > deadline:
+                    self.finish(124, f"timed out after {self.config.timeout:g} s")
+            self._teardown()
+            with self._end_lock:
+                reset, self._reset_requested = self._reset_requested, False
+                if self._end is not None or not reset:
+                    break
+            self._done.clear()
+            log.info("guest reset: rebuilding the machine")
+        return self._end or MachineExit(4, "machine stopped for no recorded reason")
+
+    def _teardown(self) -> None:
+        for t in self.vcpu_threads:
+            t.stop(timeout=5.0)
+        self.vcpu_threads = []
+        if self.loop is not None:
+            self.loop.stop()
+            self.loop.close()
+            self.loop = None
+        for dev in self.virtio:
+            close = getattr(dev.device, "close", None)
+            if close is not None:
+                close()
+        for wired in getattr(self, "_eventfds", {}).values():
+            import os
+            for efd in wired.values():
+                os.close(efd)
+        self._eventfds = {}
+        self.virtio = []
+        if self.router is not None:
+            self.router.close()
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    def close(self) -> None:
+        try:
+            self._teardown()
+        finally:
+            self.serial_console.close()
+            if self.hvc_console is not None:
+                self.hvc_console.close()
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LateTarget:
+    """Console input target resolved at delivery time (the virtio console is rebuilt on reboot)."""
+
+    def __init__(self, get):
+        self._get = get
+
+    def enqueue_input(self, data: bytes) -> int:
+        t = self._get()
+        return t.enqueue_input(data) if t is not None else len(data)
+
+    def wait_for_input_space(self, timeout: float | None = None) -> bool:
+        t = self._get()
+        if t is not None and hasattr(t, "wait_for_input_space"):
+            return t.wait_for_input_space(timeout)
+        time.sleep(timeout or 0.01)
+        return True

@@ -1,0 +1,61 @@
+"""Tier 1: kvmpy's own loaders boot tiny purpose-built kernels on the host's /dev/kvm through the
+full machine (irqchip, PIT, legacy devices, PCI), reporting on COM1 and the debug-exit port."""
+import subprocess
+import sys
+
+import pytest
+
+from kvmpy.vcpu.tinyguest import GUEST_DIR, guest_binary
+
+pytestmark = pytest.mark.usefixtures("kvm_available")
+
+
+def boot(kernel: str, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    guest_binary("pio_loop")  # builds tests/guest (all guests) when needed
+    cmd = [sys.executable, "-m", "kvmpy", "boot", "--kernel", str(GUEST_DIR / "out" / kernel),
+           "-m", "64M", "--serial", "stdio", *extra]
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_multiboot_elf_gets_info_and_cmdline():
+    r = boot("mb_elf.elf", "--append", "console=ttyS0 tiny=1")
+    assert r.stdout == b"MB-ELF cmdline=console=ttyS0 tiny=1\n", r.stderr
+    assert r.returncode == 33  # debug-exit value 0x10 -> (0x10 << 1) | 1
+
+
+def test_multiboot_aout_kludge():
+    r = boot("mb_aout.bin")
+    assert r.stdout == b"MB-AOUT ok\n", r.stderr
+    assert r.returncode == 35
+
+
+def test_pvh_elf64_reaches_long_mode():
+    r = boot("pvh64.elf")
+    assert r.stdout == b"PVH64 long mode ok\n", r.stderr
+    assert r.returncode == 37
+
+
+def test_smp_boots_with_the_mp_table():
+    r = boot("mb_elf.elf", "--smp", "4", "--append", "x")
+    assert r.returncode == 33 and r.stdout.startswith(b"MB-ELF"), r.stderr
+
+
+def test_timeout_ends_a_spinning_guest():
+    r = boot("mb_aout.bin", "--timeout", "0.01")
+    assert r.returncode in (35, 124)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--kernel", "/nonexistent/bzImage"], b"no such file"),
+    (["--kernel", "/etc/hostname"], b"not"),
+    (["--kernel", "/etc/hostname", "--smp", "0"], b"smp"),
+    (["--kernel", "/etc/hostname", "-m", "lots"], b"size"),
+])
+def test_bad_input_is_one_clear_line(args, needle):
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "boot", *args, "--serial", "null"],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(b"kvmpy: error:"), r.stderr
+    assert needle in lines[0].lower()
+    assert b"Traceback" not in r.stderr
