@@ -18,35 +18,9 @@ from typing import Any, Callable
 
 from kvmpy.errors import KvmpyError
 
+from kvmpy.ratelimit import RateLimitedLog
+
 log = logging.getLogger(__name__)
-
-
-class RateLimitedLog:
-    """At most `burst` messages per `interval` seconds per key; the rest are counted and the
-    count is reported with the next message that gets through."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 5.0, burst: int = 5):
-        self.logger = logger
-        self.interval = interval
-        self.burst = burst
-        self._windows: dict[str, tuple[float, int, int]] = {}  # key -> (start, sent, dropped)
-
-    def log(self, level: int, key: str, msg: str, *args: Any, exc_info: bool = False) -> bool:
-        now = time.monotonic()
-        start, sent, dropped = self._windows.get(key, (now, 0, 0))
-        if now - start >= self.interval:
-            start, sent = now, 0
-        if sent >= self.burst:
-            self._windows[key] = (start, sent, dropped + 1)
-            return False
-        if dropped:
-            msg += f" ({dropped} similar messages suppressed)"
-        self._windows[key] = (start, sent + 1, 0)
-        self.logger.log(level, msg, *args, exc_info=exc_info)
-        return True
-
-    def warning(self, key: str, msg: str, *args: Any) -> bool:
-        return self.log(logging.WARNING, key, msg, *args)
 
 
 class EventLoop:

@@ -29,7 +29,6 @@ from kvmpy.devices.virtio.blk import VirtioBlk
 from kvmpy.devices.virtio.console import VirtioConsole
 from kvmpy.devices.virtio.rng import VirtioRng
 from kvmpy.devices.virtio.transport import VirtioPciDevice
-from kvmpy.errors import KvmpyError
 from kvmpy.eventloop import EventLoop
 from kvmpy.interrupts import KvmIrqLine, MsiRouter
 from kvmpy.ioctl import Kvm

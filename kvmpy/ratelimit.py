@@ -59,7 +59,7 @@ class RateLimitedLog:
             bucket[2] += 1
             return False, 0
 
-    def log(self, level: int, key: object, msg: str, *args: object) -> bool:
+    def log(self, level: int, key: object, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log `msg % args` at `level` unless `key` is over its budget. Returns whether it
         logged. The formatting is only done when the message is emitted."""
         if not self.logger.isEnabledFor(level):
@@ -68,9 +68,10 @@ class RateLimitedLog:
         if not ok:
             return False
         if suppressed:
-            self.logger.log(level, msg + " (%d similar messages suppressed)", *args, suppressed)
+            self.logger.log(level, msg + " (%d similar messages suppressed)", *args, suppressed,
+                            exc_info=exc_info)
         else:
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def warning(self, key: object, msg: str, *args: object) -> bool:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-import time
 from typing import Any
 
 from kvmpy.devices.bus import Bus
+from kvmpy.ratelimit import RateLimitedLog
 from kvmpy.ioctl._kvm import ffi, lib
 
 log = logging.getLogger(__name__)
@@ -64,28 +64,6 @@ _SYSTEM_EVENTS = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: Outcome.SHUTDOWN,
 _VALID_SIZES = (1, 2, 4)
 
 
-class RateLimitedLog:
-    """Logs at most `burst` messages per `period` seconds: guests can trigger these at will."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 10, period: float = 5.0):
-        self.logger, self.burst, self.period = logger, burst, period
-        self._window_start = 0.0
-        self._count = 0
-        self.suppressed = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._window_start > self.period:
-            if self.suppressed:
-                self.logger.warning("%d similar messages suppressed", self.suppressed)
-            self._window_start, self._count, self.suppressed = now, 0, 0
-        if self._count < self.burst:
-            self._count += 1
-            self.logger.warning(msg, *args)
-        else:
-            self.suppressed += 1
-
-
 class ExitDispatcher:
     """Decodes the exit in `run_buffer` (kvm_run bytes, writable) and performs it on the buses.
 
@@ -127,7 +105,7 @@ class ExitDispatcher:
         total = size * count
         if size not in _VALID_SIZES or count == 0 or off + total > self.buf_len or off < _OFF_IO:
             self.bad_exits += 1
-            self._ratelog.warning("malformed I/O exit: port=%#x size=%d count=%d offset=%d",
+            self._ratelog.warning("io", "malformed I/O exit: port=%#x size=%d count=%d offset=%d",
                                   port, size, count, off)
             return 0
         buf = self.buf
@@ -145,7 +123,7 @@ class ExitDispatcher:
         phys_addr, data, length, is_write = self._unpack_mmio(self.buf, _OFF_MMIO)
         if not 1 <= length <= 8:
             self.bad_exits += 1
-            self._ratelog.warning("malformed MMIO exit: addr=%#x len=%d", phys_addr, length)
+            self._ratelog.warning("mmio", "malformed MMIO exit: addr=%#x len=%d", phys_addr, length)
             return 0
         if is_write:
             self.mmio_write(phys_addr, data[:length])
@@ -171,7 +149,7 @@ class ExitDispatcher:
             outcome = _SYSTEM_EVENTS.get(ev_type)
             self.detail = f"system event {ev_type} (ndata={min(ndata, 16)})"
             if outcome is None:
-                self._ratelog.warning("unhandled system event type %d", ev_type)
+                self._ratelog.warning("sysevent", "unhandled system event type %d", ev_type)
                 return Outcome.UNHANDLED
             return outcome
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
@@ -187,7 +165,7 @@ class ExitDispatcher:
             self.detail = "debug exit"
             return Outcome.DEBUG
         self.detail = f"unhandled exit reason {reason}"
-        self._ratelog.warning("%s", self.detail)
+        self._ratelog.warning("exit", "%s", self.detail)
         return Outcome.UNHANDLED
 
 

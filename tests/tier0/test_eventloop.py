@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from kvmpy.errors import KvmpyError
-from kvmpy.eventloop import EventLoop, RateLimitedLog
+from kvmpy.eventloop import EventLoop
 
 
 @pytest.fixture
@@ -82,8 +82,3 @@ def test_add_reader_bad_fd(loop):
         loop.add_reader(-1, lambda: None)
 
 
-def test_rate_limited_log_counts_suppressed(caplog):
-    rl = RateLimitedLog(logging.getLogger("t"), interval=60, burst=2)
-    with caplog.at_level(logging.WARNING):
-        assert [rl.warning("k", "m") for _ in range(4)] == [True, True, False, False]
-        assert rl.warning("other", "m")

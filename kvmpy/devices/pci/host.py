@@ -15,7 +15,7 @@ from kvmpy.devices.irq import IrqLine
 from kvmpy.devices.pci.config import (CMD_MEMORY, PCI_COMMAND, PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN,
                                       BarRegion, PciFunction)
 from kvmpy.errors import BusError, ConfigError
-from kvmpy.eventloop import RateLimitedLog
+from kvmpy.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from kvmpy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from kvmpy.devices.virtio.queue import DescChain, slice_segments
 from kvmpy.errors import ConfigError, DeviceError, StateError
-from kvmpy.eventloop import RateLimitedLog
+from kvmpy.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

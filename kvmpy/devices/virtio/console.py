@@ -13,7 +13,7 @@ from typing import Protocol
 
 from kvmpy.devices.virtio.device import VIRTIO_ID_CONSOLE, VirtioDevice
 from kvmpy.errors import StateError
-from kvmpy.eventloop import RateLimitedLog
+from kvmpy.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

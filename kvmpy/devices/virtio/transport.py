@@ -22,7 +22,7 @@ from kvmpy.devices.virtio.device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVE
                                          VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice)
 from kvmpy.devices.virtio.queue import QueueError, Virtqueue, VirtqueueState
 from kvmpy.errors import GuestMemoryError, KvmpyError, StateError
-from kvmpy.eventloop import RateLimitedLog
+from kvmpy.ratelimit import RateLimitedLog
 from kvmpy.memslots import GuestMemory
 
 log = logging.getLogger(__name__)
