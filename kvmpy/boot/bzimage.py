@@ -129,7 +129,7 @@ def parse_setup_header(image: ImageBytes) -> SetupHeader:
     if payload <= 0:
         raise image.error(f"file is truncated: {len(image)} bytes end inside the "
                           f"{hdr.setup_size}-byte real-mode setup")
-    if hdr.syssize * 16 > payload:
+    if hdr.syssize * 16 > payload + 15:     # syssize counts 16-byte paragraphs, rounded up
         raise image.error(f"file is truncated: the header promises {hdr.syssize * 16} bytes of "
                           f"protected-mode kernel, the file has {payload}")
     return hdr

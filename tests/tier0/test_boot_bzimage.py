@@ -177,3 +177,12 @@ def test_real_debian_bzimage_if_present(tmp_path):
         assert m.read_u16(ZP + 0x206) >= 0x020C and m.read(ZP + 0x210, 1)[0] == 0xFF
         init_size = m.read_u32(ZP + 0x260)
         assert mem_initrd(m)[0] >= entry.region("kernel").gpa + init_size
+
+
+def test_syssize_rounding_is_not_truncation(mem, tmp_path):
+    """syssize counts 16-byte paragraphs rounded up (tools/build.c), so up to 15 bytes may be
+    'missing' from the file; a whole paragraph missing is truncation."""
+    payload = b"\x90" * 1049
+    load_kernel(mem, write(tmp_path, "bz", make_bzimage(payload=payload)), "")     # syssize 66 = 1056 bytes
+    with pytest.raises(BootError, match="truncated"):
+        load_kernel(mem, write(tmp_path, "bz", make_bzimage(payload=payload, syssize=67)), "")
