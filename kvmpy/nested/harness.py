@@ -1,0 +1,271 @@
+"""Boot L1 (Debian 6.1 under QEMU TCG with AMD SVM/NPT) and run a command in it.
+
+This host's /dev/kvm is PVM, which cannot boot a stock kernel; L1 gives tests a hardware-style
+KVM (kvm_amd) instead. L1 has no root filesystem of its own: it chroots into the host root
+(9p, read-only, tmpfs overlay), so the host's Python, venv and checkout sit at the same paths.
+A scratch folder (command, environment, exit status) and .cache/nested are shared read-write.
+
+The QEMU process group is killed on every exit path: timeouts, errors and Ctrl-C.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Mapping
+
+from kvmpy.errors import NestedError
+from kvmpy.nested import initscripts
+from kvmpy.nested.images import build_l1_initramfs
+from kvmpy.nested.kernel import cache_root, unpack
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH_PREFIXES = ("KVMPY_", "PYTEST_")
+PASSTHROUGH_NAMES = ("TERM", "LANG", "LC_ALL", "COLUMNS")
+_SAFE_PATH_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+")
+
+
+@dataclass
+class HarnessConfig:
+    """How big L1 is and how long each phase may take."""
+
+    memory_mib: int = 4096
+    cpus: int = 2
+    boot_timeout_s: float = 180.0
+    command_timeout_s: float = 1500.0
+    shutdown_grace_s: float = 30.0
+    qemu: str = "qemu-system-x86_64"
+    echo_boot: bool = False          # also show L1's kernel/init output before the command
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 1024 <= self.memory_mib <= 65536:
+            raise NestedError("configuring L1", detail=f"memory {self.memory_mib} MiB out of range")
+        if not 1 <= self.cpus <= 16:
+            raise NestedError("configuring L1", detail=f"cpus {self.cpus} out of range")
+        if min(self.boot_timeout_s, self.command_timeout_s) <= 0:
+            raise NestedError("configuring L1", detail="timeouts must be positive")
+
+
+@dataclass
+class NestedResult:
+    """What one L1 run did; times are seconds since QEMU started (None if never reached)."""
+
+    rc: int
+    init_s: float | None
+    ready_s: float | None
+    command_s: float | None
+    total_s: float
+    console_log: Path
+
+    def timings(self) -> str:
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.1f}s"
+        return (f"L1 boot to init {fmt(self.init_s)}, to ready {fmt(self.ready_s)}, "
+                f"command {fmt(self.command_s)}, total {fmt(self.total_s)}")
+
+
+def _check_share_path(path: Path) -> str:
+    text = str(path)
+    if not path.is_absolute() or not set(text) <= _SAFE_PATH_CHARS:
+        raise NestedError("sharing a folder into L1",
+                          detail=f"{text!r}: needs an absolute path of [A-Za-z0-9/._+-]")
+    return text
+
+
+def _kill_group(proc: subprocess.Popen[bytes], own_group: bool) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        if own_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+class L1Harness:
+    """One L1 boot per `run()` or `shell()`; nothing survives between them."""
+
+    def __init__(self, config: HarnessConfig | None = None):
+        self.config = config or HarnessConfig()
+        self.config.validate()
+        if shutil.which(self.config.qemu) is None:
+            raise NestedError("starting L1", detail=f"{self.config.qemu} is not installed "
+                              "(make deps installs qemu-system-x86)")
+        self.kernel = unpack()
+        self.initrd = build_l1_initramfs(self.kernel)
+        self.log_dir = cache_root() / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _qemu_argv(self, scratch: Path, mode: str, interactive: bool) -> list[str]:
+        cache = cache_root()
+        append = ["console=ttyS0", "panic=-1", "quiet", "loglevel=1",
+                  f"kvmpy.scratch={_check_share_path(scratch)}",
+                  f"kvmpy.cache={_check_share_path(cache)}", f"kvmpy.mode={mode}"]
+        argv = [self.config.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
+                "-smp", str(self.config.cpus), "-m", f"{self.config.memory_mib}M",
+                "-M", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-kernel", str(self.kernel.vmlinux), "-initrd", str(self.initrd),
+                "-append", " ".join(append)]
+        if interactive:
+            argv += ["-chardev", "stdio,id=con,mux=on,signal=off",
+                     "-serial", "chardev:con", "-mon", "chardev=con"]
+        else:
+            argv += ["-serial", "stdio"]
+        shares = [("hostroot", "/", True), ("scratch", str(scratch), False),
+                  ("cache", str(cache), False)]
+        for tag, path, readonly in shares:
+            fsdev = f"local,id={tag},path={path},security_model=none,multidevs=remap"
+            argv += ["-fsdev", fsdev + (",readonly=on" if readonly else ""),
+                     "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
+        return argv
+
+    def _write_scratch(self, scratch: Path, command: str, cwd: Path,
+                       env: Mapping[str, str]) -> None:
+        exports = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                   "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+                   "KVMPY_IN_NESTED": "1", "KVMPY_NESTED_SCRATCH": str(scratch)}
+        for name, value in env.items():
+            if name in PASSTHROUGH_NAMES or name.startswith(PASSTHROUGH_PREFIXES):
+                exports[name] = value
+        exports.update(self.config.extra_env)
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in exports.items() if k.isidentifier()]
+        (scratch / "env.sh").write_text("\n".join(lines) + f"\ncd {shlex.quote(str(cwd))}\n")
+        (scratch / "cmd.sh").write_text(command + "\n")
+
+    def run(self, command: str, cwd: Path | None = None,
+            env: Mapping[str, str] | None = None, out: BinaryIO | None = None) -> NestedResult:
+        """Boot L1, run `command` (sh syntax) in the chroot at `cwd`, stream its output to
+        `out` (default stdout), power off. Raises NestedError if L1 never got ready."""
+        out = out or sys.stdout.buffer
+        cwd = (cwd or Path.cwd()).resolve()
+        scratch = Path(tempfile.mkdtemp(prefix="kvmpy-nested-", dir="/tmp"))
+        console_log = self.log_dir / f"l1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        try:
+            self._write_scratch(scratch, command, cwd, env if env is not None else os.environ)
+            argv = self._qemu_argv(scratch, "run", interactive=False)
+            with console_log.open("wb") as logf:
+                logf.write(("$ " + shlex.join(argv) + "\n").encode())
+                result = self._supervise(argv, logf, out, scratch, console_log)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return result
+
+    def _supervise(self, argv: list[str], logf: BinaryIO, out: BinaryIO, scratch: Path,
+                   console_log: Path) -> NestedResult:
+        cfg = self.config
+        start = time.monotonic()
+        init_s = ready_s = done_s = None
+        rc: int | None = None
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        sel = selectors.DefaultSelector()
+        sel.register(fd, selectors.EVENT_READ)
+        pending = b""
+        failure: str | None = None
+        try:
+            while True:
+                now = time.monotonic() - start
+                if ready_s is None and now > cfg.boot_timeout_s:
+                    failure = f"L1 not ready after {cfg.boot_timeout_s:.0f}s"
+                    break
+                if ready_s is not None and rc is None and now - ready_s > cfg.command_timeout_s:
+                    failure = f"command still running after {cfg.command_timeout_s:.0f}s"
+                    break
+                if done_s is not None and now - done_s > cfg.shutdown_grace_s:
+                    break  # L1 did not power off in time: kill it, the result is known
+                if not sel.select(timeout=1.0):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                logf.write(chunk)
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    line = raw.rstrip(b"\r")
+                    text = line.decode(errors="replace")
+                    stamp = time.monotonic() - start
+                    if text.startswith("KVMPY-L1-INIT") and init_s is None:
+                        init_s = stamp
+                    elif text.startswith(initscripts.L1_READY_MARKER) and ready_s is None:
+                        ready_s = stamp
+                        continue
+                    elif text.startswith(initscripts.L1_RC_MARKER) and rc is None:
+                        rc = _parse_rc(text[len(initscripts.L1_RC_MARKER):])
+                        done_s = stamp
+                        continue
+                    elif text.startswith(initscripts.L1_FAIL_MARKER):
+                        failure = "L1 setup failed: " + text[len(initscripts.L1_FAIL_MARKER):]
+                    if (ready_s is not None and rc is None) or cfg.echo_boot:
+                        out.write(line + b"\n")
+                        out.flush()
+                if failure:
+                    break
+        finally:
+            _kill_group(proc, own_group=True)
+            sel.close()
+            logf.flush()
+        total = time.monotonic() - start
+        command_s = (done_s - ready_s) if (done_s is not None and ready_s is not None) else None
+        if rc is None:
+            rc = _read_rc_file(scratch)
+        if rc is None:
+            reason = failure or f"L1 exited (qemu status {proc.returncode}) without a result"
+            raise NestedError("running a command in L1",
+                              detail=f"{reason}; console log: {console_log}\n"
+                                     + _tail(console_log))
+        return NestedResult(rc=rc, init_s=init_s, ready_s=ready_s, command_s=command_s,
+                            total_s=total, console_log=console_log)
+
+    def shell(self) -> int:
+        """An interactive bash in L1's chroot on this terminal; Ctrl-A x quits QEMU."""
+        scratch = Path(tempfile.mkdtemp(prefix="kvmpy-nested-", dir="/tmp"))
+        try:
+            self._write_scratch(scratch, "true", Path.cwd().resolve(), os.environ)
+            argv = self._qemu_argv(scratch, "shell", interactive=True)
+            print("nested: booting L1 (about 10-20 s); leave with `exit` or Ctrl-A x",
+                  file=sys.stderr)
+            # Same process group as us: QEMU must own the terminal's foreground to read it.
+            proc = subprocess.Popen(argv)
+            try:
+                return proc.wait()
+            finally:
+                _kill_group(proc, own_group=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _parse_rc(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() and len(text) <= 3 else None
+
+
+def _read_rc_file(scratch: Path) -> int | None:
+    try:
+        return _parse_rc((scratch / "rc").read_text())
+    except OSError:
+        return None
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_bytes().decode(errors="replace").replace("\r", "")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,224 @@
+"""Tier-2 plumbing: where tier 2 can run on this host, how to start a guest (QEMU or kvmpy)
+with a timeout and capture its serial output, and the `make test-tier2` driver.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from kvmpy.errors import NestedError
+from kvmpy.nested import initscripts
+from kvmpy.nested.kernel import REPO_ROOT
+
+COMMAND_LINE_MAX = 2048           # x86 COMMAND_LINE_SIZE
+DEFAULT_GUEST_APPEND = "console=ttyS0 panic=-1 reboot=t quiet"
+TIER2_DIR = "tests/tier2"
+
+
+@dataclass(frozen=True)
+class Tier2Mode:
+    """`inside` (we are in L1), `direct` (hardware KVM here), `nested` (use the harness) or
+    `unavailable`; `reason` says why, in words a person can act on."""
+
+    kind: str
+    reason: str
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_kvm_kind() -> str:
+    """`hardware` (vmx/svm + /dev/kvm), `pvm` (kvm_pvm loaded) or `none`."""
+    if Path("/sys/module/kvm_pvm").exists():
+        return "pvm"
+    if _cpu_flags() & {"vmx", "svm"} and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "hardware"
+    return "none"
+
+
+def tier2_mode() -> Tier2Mode:
+    if os.environ.get("KVMPY_IN_NESTED") == "1":
+        return Tier2Mode("inside", "running inside the nested L1 harness")
+    kind = host_kvm_kind()
+    if kind == "hardware":
+        return Tier2Mode("direct", "this host has hardware KVM (vmx/svm)")
+    if shutil.which("qemu-system-x86_64"):
+        why = "host KVM is PVM" if kind == "pvm" else "host has no hardware KVM"
+        return Tier2Mode("nested", f"{why}: tier 2 runs in L1 under QEMU TCG (make test-tier2)")
+    return Tier2Mode("unavailable", "no hardware KVM (vmx/svm) and no qemu-system-x86_64 for "
+                     "the nested harness: run `make deps` or use a host with vmx/svm")
+
+
+def tests_can_run_here() -> Tier2Mode | None:
+    """None when tier-2 tests may run in this process, else the mode explaining why not."""
+    mode = tier2_mode()
+    return None if mode.kind in ("inside", "direct") else mode
+
+
+# --- starting guests -------------------------------------------------------------------
+
+def test_script_arg(script: str) -> str:
+    """`kvmpy.test=<base64>` for GUEST_INIT; refuses scripts the command line cannot hold."""
+    arg = "kvmpy.test=" + base64.b64encode(script.encode()).decode()
+    if len(arg) > COMMAND_LINE_MAX // 2:
+        raise NestedError("encoding a guest test script",
+                          detail=f"{len(arg)} bytes is too long for the kernel command line; "
+                                 "bake it into the initramfs or a disk instead")
+    return arg
+
+
+def qemu_guest_argv(kernel: Path, initrd: Path, append: str = DEFAULT_GUEST_APPEND,
+                    machine: str = "pc", memory_mib: int = 512, cpus: int = 1,
+                    disk: Path | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """QEMU with KVM booting `kernel` (-kernel), serial on stdout, exit on reboot."""
+    if machine not in ("pc", "q35", "microvm"):
+        raise NestedError("building a QEMU command", detail=f"unknown machine {machine!r}")
+    argv = ["qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-M", machine,
+            "-smp", str(cpus), "-m", f"{memory_mib}M", "-nodefaults", "-no-user-config",
+            "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
+    if disk is not None:
+        bus = "virtio-blk-device" if machine == "microvm" else "virtio-blk-pci"
+        argv += ["-drive", f"file={disk},format=raw,if=none,id=disk0,snapshot=on",
+                 "-device", f"{bus},drive=disk0"]
+    return argv + list(extra)
+
+
+def kvmpy_guest_argv(kernel: Path, initrd: Path, append: str = DEFAULT_GUEST_APPEND,
+                     memory: str = "512M") -> list[str]:
+    """kvmpy's own boot command, as tier-2 tests will run it once it exists."""
+    return [sys.executable, "-m", "kvmpy", "boot", "--kernel", str(kernel),
+            "--initrd", str(initrd), "--append", append, "--serial", "stdio",
+            "--no-reboot", "-m", memory]
+
+
+@dataclass
+class GuestRun:
+    """One guest's life: exit status, serial output and when the markers appeared."""
+
+    argv: list[str]
+    exit_status: int | None       # the VMM's; None when we killed it
+    output: str
+    elapsed_s: float
+    init_s: float | None          # process start -> KVMPY-INIT-START
+    test_rc: int | None           # the guest script's status (KVMPY-TEST-RC=)
+    timed_out: bool
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+
+def run_guest(argv: Sequence[str], timeout_s: float = 120.0, log_path: Path | None = None,
+              grace_s: float = 15.0) -> GuestRun:
+    """Run a VMM until it exits, `timeout_s` passes, or `grace_s` after the test-rc marker
+    (a guest that fails to power off does not cost a whole timeout). Always reaped."""
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        raise NestedError("starting a guest", errno=e.errno, detail=argv[0]) from e
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    buf = bytearray()
+    init_s: float | None = None
+    test_rc: int | None = None
+    rc_seen_at: float | None = None
+    timed_out = False
+    scanned = 0
+    try:
+        while True:
+            now = time.monotonic() - start
+            if now > timeout_s:
+                timed_out = True
+                break
+            if rc_seen_at is not None and now - rc_seen_at > grace_s:
+                break
+            if not sel.select(timeout=0.5):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            cut = buf.rfind(b"\n")
+            if cut < scanned:
+                continue
+            for raw in bytes(buf[scanned:cut]).split(b"\n"):
+                line = raw.decode(errors="replace").strip("\r")
+                if init_s is None and line.startswith(initscripts.INIT_START_MARKER):
+                    init_s = time.monotonic() - start
+                elif test_rc is None and line.startswith(initscripts.TEST_RC_MARKER):
+                    value = line[len(initscripts.TEST_RC_MARKER):].strip()
+                    test_rc = int(value) if value.isdigit() and len(value) <= 3 else None
+                    rc_seen_at = time.monotonic() - start
+            scanned = cut + 1
+    finally:
+        sel.close()
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    exit_status = None if (timed_out or proc.returncode < 0) else proc.returncode
+    output = bytes(buf).decode(errors="replace").replace("\r", "")
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("$ " + " ".join(argv) + "\n" + output)
+    return GuestRun(list(argv), exit_status, output, time.monotonic() - start,
+                    init_s, test_rc, timed_out)
+
+
+# --- the `make test-tier2` driver --------------------------------------------------------
+
+def prebuild_images() -> None:
+    """Build what tier-2 tests need on the host, where Python is ~10x faster than in L1;
+    the shared cache makes them hits inside L1."""
+    from kvmpy.nested.images import build_guest_initramfs, build_l1_initramfs
+    from kvmpy.nested.kernel import unpack
+    kernel = unpack()
+    build_l1_initramfs(kernel)
+    build_guest_initramfs(kernel)
+
+
+def run_tier2(pytest_args: Sequence[str] = (), command_timeout_s: float = 1080.0) -> int:
+    """Run tests/tier2 where it can really run; exit status of pytest, or 2 with a reason."""
+    mode = tier2_mode()
+    print(f"tier2: {mode.reason}", flush=True)
+    # Plugin loading is ~10x slower in L1; tier 2 needs neither hypothesis' nor the cache.
+    pytest_argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:hypothesispytest",
+                   "-p", "no:cacheprovider", TIER2_DIR, *pytest_args]
+    if mode.kind in ("inside", "direct"):
+        return subprocess.call(pytest_argv, cwd=REPO_ROOT)
+    if mode.kind == "unavailable":
+        print(f"tier2: FAILED: cannot run tier 2 here: {mode.reason}", file=sys.stderr)
+        return 2
+    from kvmpy.nested.harness import HarnessConfig, L1Harness
+    prebuild_images()
+    harness = L1Harness(HarnessConfig(command_timeout_s=command_timeout_s))
+    import shlex
+    result = harness.run(shlex.join(pytest_argv), cwd=REPO_ROOT)
+    print(f"nested: {result.timings()}", flush=True)
+    if result.rc != 0:
+        print(f"nested: tier 2 failed (status {result.rc}); L1 console log: "
+              f"{result.console_log}", file=sys.stderr)
+    return result.rc
