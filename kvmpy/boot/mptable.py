@@ -124,15 +124,19 @@ def build_mptable(base: int, num_cpus: int, pci_interrupts: Iterable[PciInterrup
 
 
 def write_mptable(mem: GuestMemory, num_cpus: int, pci_interrupts: Iterable[PciInterrupt] = (), *,
-                  isa_irq0_pin: int = 2) -> BootRegion:
+                  isa_irq0_pin: int = 2, cpu_signature: int = DEFAULT_CPU_SIGNATURE,
+                  cpu_features: int = DEFAULT_CPU_FEATURES) -> BootRegion:
     """Write the MP tables into the EBDA (0x9fc00) or, when too big for its 1 KiB, into the BIOS
-    area at 0xF0000 (both are scanned by OSes and reserved in the e820 map)."""
+    area at 0xF0000 (both are scanned by OSes and reserved in the e820 map). `cpu_signature`
+    and `cpu_features` are CPUID.1 EAX and EDX, as the spec's processor entries carry them."""
     pci = list(pci_interrupts)
-    table = build_mptable(EBDA_START, num_cpus, pci, isa_irq0_pin=isa_irq0_pin)
+    extra = dict(isa_irq0_pin=isa_irq0_pin, cpu_signature=cpu_signature & 0xFFFFFFFF,
+                 cpu_features=cpu_features & 0xFFFFFFFF)
+    table = build_mptable(EBDA_START, num_cpus, pci, **extra)
     base = EBDA_START
     if len(table) > EBDA_BYTES:
         base = BIOS_AREA_START
-        table = build_mptable(base, num_cpus, pci, isa_irq0_pin=isa_irq0_pin)
+        table = build_mptable(base, num_cpus, pci, **extra)
         if len(table) > BIOS_AREA_BYTES:
             raise BootError("building the MP table", detail=f"{len(table)} bytes do not fit the BIOS area")
     if not mem.contains(base, len(table)):

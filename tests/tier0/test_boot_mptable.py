@@ -67,6 +67,12 @@ def test_pci_interrupt_entries(mem):
     assert [(e[4], e[6], e[2]) for e in pci] == [((1 << 2) | 0, 16, 0xF), ((3 << 2) | 1, 19, 0xF)]
 
 
+def test_cpu_signature_from_cpuid(mem):
+    write_mptable(mem, 2, cpu_signature=0x906EA, cpu_features=0x0F8BFBFF)
+    cpus = [struct.unpack("<BBBBII8x", e) for e in parse(mem, EBDA_START) if e[0] == 0]
+    assert [(c[4], c[5]) for c in cpus] == [(0x906EA, 0x0F8BFBFF)] * 2
+
+
 def test_identity_irq0_option(mem):
     write_mptable(mem, 1, isa_irq0_pin=0)
     ints = [struct.unpack("<BBHBBBB", e) for e in parse(mem, EBDA_START) if e[0] == 3]
