@@ -49,9 +49,10 @@ BIOS_AREA_BYTES = 0x10000
 
 @dataclass(frozen=True)
 class PciInterrupt:
-    """PCI INTx routing for one device on bus 0: `pin` 1..4 is INTA#..INTD# (the Interrupt Pin
-    config register's encoding), delivered to IOAPIC input `ioapic_pin`."""
-    device: int
+    """PCI INTx routing for the device in `slot` (device number 0..31) on bus 0: `pin` 1..4 is
+    INTA#..INTD# (the Interrupt Pin config register's encoding), delivered to IOAPIC input
+    `ioapic_pin`."""
+    slot: int
     pin: int
     ioapic_pin: int
 
@@ -90,17 +91,17 @@ def _config_entries(num_cpus: int, pci_interrupts: Iterable[PciInterrupt], isa_i
         entries.append(struct.pack(INTSRC_FMT, 3, INT_TYPE_INT, IRQ_FLAGS_CONFORMS, ISA_BUS_ID, irq, ioapic_id, pin))
     seen: set[tuple[int, int]] = set()
     for p in pci_interrupts:
-        if not (0 <= p.device < 32 and 1 <= p.pin <= 4 and 0 <= p.ioapic_pin < IOAPIC_PINS):
+        if not (0 <= p.slot < 32 and 1 <= p.pin <= 4 and 0 <= p.ioapic_pin < IOAPIC_PINS):
             raise BootError("building the MP table",
-                            detail=f"bad PCI interrupt {p}: device 0..31, pin 1..4, IOAPIC pin 0..23")
+                            detail=f"bad PCI interrupt {p}: slot 0..31, pin 1..4, IOAPIC pin 0..23")
         if p.ioapic_pin < 16:
             raise BootError("building the MP table",
                             detail=f"IOAPIC pin {p.ioapic_pin} is taken by ISA IRQs; use 16..23 for PCI")
-        if (p.device, p.pin) in seen:
-            raise BootError("building the MP table", detail=f"PCI device {p.device} pin {p.pin} routed twice")
-        seen.add((p.device, p.pin))
+        if (p.slot, p.pin) in seen:
+            raise BootError("building the MP table", detail=f"PCI slot {p.slot} pin {p.pin} routed twice")
+        seen.add((p.slot, p.pin))
         entries.append(struct.pack(INTSRC_FMT, 3, INT_TYPE_INT, IRQ_FLAGS_LEVEL_LOW, PCI_BUS_ID,
-                                   (p.device << 2) | (p.pin - 1), ioapic_id, p.ioapic_pin))
+                                   (p.slot << 2) | (p.pin - 1), ioapic_id, p.ioapic_pin))
     entries.append(struct.pack(INTSRC_FMT, 4, INT_TYPE_EXTINT, IRQ_FLAGS_CONFORMS, ISA_BUS_ID, 0, ALL_LAPICS, 0))
     entries.append(struct.pack(INTSRC_FMT, 4, INT_TYPE_NMI, IRQ_FLAGS_CONFORMS, ISA_BUS_ID, 0, ALL_LAPICS, 1))
     return entries

@@ -61,7 +61,7 @@ def test_tables_for_n_cpus(mem, ncpus):
 
 
 def test_pci_interrupt_entries(mem):
-    write_mptable(mem, 2, [PciInterrupt(device=1, pin=1, ioapic_pin=16), PciInterrupt(device=3, pin=2, ioapic_pin=19)])
+    write_mptable(mem, 2, [PciInterrupt(slot=1, pin=1, ioapic_pin=16), PciInterrupt(slot=3, pin=2, ioapic_pin=19)])
     entries = [struct.unpack("<BBHBBBB", e) for e in parse(mem, EBDA_START) if e[0] == 3]
     pci = [e for e in entries if e[3] == 0]                         # source bus 0 = PCI
     assert [(e[4], e[6], e[2]) for e in pci] == [((1 << 2) | 0, 16, 0xF), ((3 << 2) | 1, 19, 0xF)]
