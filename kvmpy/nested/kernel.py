@@ -162,6 +162,13 @@ def unpack(deb: Path | None = None) -> KernelPackage:
 
 def modinfo_depends(ko: bytes) -> list[str]:
     """Names in a module's `.modinfo depends=` entry, read from its ELF section table."""
+    try:
+        return _modinfo_depends(ko)
+    except (struct.error, ValueError, IndexError) as e:
+        raise NestedError("reading module info", detail=f"malformed ELF: {e}") from e
+
+
+def _modinfo_depends(ko: bytes) -> list[str]:
     if ko[:4] != b"\x7fELF" or ko[4] != 2:
         raise NestedError("reading module info", detail="not an ELF64 module")
     shoff, = struct.unpack_from("<Q", ko, 0x28)
