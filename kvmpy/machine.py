@@ -149,7 +149,8 @@ class Machine:
         self._add_legacy_devices(vm, mem)
         pci_irqs = self._add_pci_devices(vm, mem)
         entry = load_kernel(mem, cfg.kernel, cfg.cmdline, cfg.initrd)
-        write_mptable(mem, cfg.smp, pci_irqs)
+        # KVM routes the in-kernel PIT to IOAPIC pin 0 (identity GSI routing), so say so.
+        write_mptable(mem, cfg.smp, pci_irqs, isa_irq0_pin=0)
         self._create_vcpus(entry)
         self.loop.call_later(0.5, self._poll_rtc)
 
