@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,7 @@ class L1Harness:
         rc: int | None = None
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        previous_term = _sigterm_interrupts()
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         sel = selectors.DefaultSelector()
@@ -219,6 +221,8 @@ class L1Harness:
                     break
         finally:
             _kill_group(proc, own_group=True)
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
             sel.close()
             logf.flush()
         total = time.monotonic() - start
@@ -249,6 +253,17 @@ class L1Harness:
                 _kill_group(proc, own_group=False)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_interrupts() -> signal.Handlers | None:
+    """Make SIGTERM unwind like Ctrl-C (so `finally` kills L1); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _parse_rc(text: str) -> int | None:
