@@ -101,11 +101,12 @@ def qemu_guest_argv(kernel: Path, initrd: Path, append: str = DEFAULT_GUEST_APPE
 
 
 def kvmpy_guest_argv(kernel: Path, initrd: Path, append: str = DEFAULT_GUEST_APPEND,
-                     memory: str = "512M") -> list[str]:
-    """kvmpy's own boot command, as tier-2 tests will run it once it exists."""
-    return [sys.executable, "-m", "kvmpy", "boot", "--kernel", str(kernel),
+                     memory: str = "512M", disk: Path | None = None) -> list[str]:
+    """kvmpy's own boot command (kvmpy/bootargs.py flags) for tier-2 tests."""
+    argv = [sys.executable, "-m", "kvmpy", "boot", "--kernel", str(kernel),
             "--initrd", str(initrd), "--append", append, "--serial", "stdio",
             "--no-reboot", "-m", memory]
+    return argv + (["--drive", f"file={disk}"] if disk is not None else [])
 
 
 @dataclass

@@ -126,6 +126,8 @@ def test_qemu_guest_argv_picks_the_transport_per_machine(tmp_path):
     assert "-enable-kvm" in pc and "-no-reboot" in pc
     with pytest.raises(NestedError):
         tier2.qemu_guest_argv(tmp_path / "bz", tmp_path / "rd", machine="isapc")
+    kv = tier2.kvmpy_guest_argv(tmp_path / "bz", tmp_path / "rd", disk=tmp_path / "d.ext4")
+    assert kv[1:4] == ["-m", "kvmpy", "boot"] and kv[-2:] == ["--drive", f"file={tmp_path}/d.ext4"]
 
 
 def test_tier2_mode(monkeypatch):
