@@ -36,6 +36,8 @@ def main(args: argparse.Namespace) -> int:
     check_host(config)
     with Machine(config) as machine:
         result = machine.run()
+        if config.stats:
+            print(machine.stats_report(), file=sys.stderr)
     log.info("guest ended: %s", result.reason)
     if result.status != 0:
         print(f"kvmpy: {result.reason}", file=sys.stderr)

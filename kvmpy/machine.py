@@ -17,7 +17,7 @@ from kvmpy.boot.cpuid import guest_cpuid
 from kvmpy.boot.entry import apply_entry
 from kvmpy.boot.mptable import PciInterrupt, write_mptable
 from kvmpy.boot.msrs import boot_msrs
-from kvmpy.devices.bus import Bus
+from kvmpy.devices.bus import Bus, CountingBus
 from kvmpy.devices.console import Console, open_console
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from kvmpy.devices.i8042 import I8042
@@ -142,8 +142,9 @@ class Machine:
         mem = self.memory = GuestMemory.create(cfg.memory)
         for i, r in enumerate(mem.ranges):
             vm.set_user_memory_region(r.slot, r.gpa, r.size, mem.host_address(i))
-        self.pio = Bus("pio", 0x10000)
-        self.mmio = Bus("mmio", 1 << 52)
+        bus = CountingBus if cfg.stats else Bus
+        self.pio = bus("pio", 0x10000)
+        self.mmio = bus("mmio", 1 << 52)
         self.loop = EventLoop()
         self.router = MsiRouter(vm)
         self._add_legacy_devices(vm, mem)
@@ -305,6 +306,16 @@ class Machine:
             self._done.clear()
             log.info("guest reset: rebuilding the machine")
         return self._end or MachineExit(4, "machine stopped for no recorded reason")
+
+    def stats_report(self) -> str:
+        """Exit counts per address, most frequent first (only with config.stats)."""
+        lines = []
+        for bus in (getattr(self, "pio", None), getattr(self, "mmio", None)):
+            if isinstance(bus, CountingBus):
+                total = sum(bus.counts.values())
+                lines.append(f"{bus.name}: {total} accesses")
+                lines += [f"  {k} {a:#x} {c} {d}" for k, a, c, d in bus.top(15)]
+        return "\n".join(lines)
 
     def _teardown(self) -> None:
         for t in self.vcpu_threads:

@@ -27,6 +27,7 @@ class MachineConfig:
     virtio_console: str | None = None
     timeout: float = 0.0
     force: bool = False
+    stats: bool = False
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -45,6 +46,7 @@ class MachineConfig:
                   memory=parse_size(args.memory), smp=args.smp, serial=args.serial,
                   no_reboot=args.no_reboot, device=args.device,
                   drives=[parse_drive_spec(d) for d in args.drive], rng=args.rng,
-                  virtio_console=args.virtio_console, timeout=args.timeout, force=args.force)
+                  virtio_console=args.virtio_console, timeout=args.timeout, force=args.force,
+                  stats=getattr(args, "stats", False))
         cfg.validate()
         return cfg

@@ -96,3 +96,30 @@ class Bus:
 
     def devices(self) -> list[tuple[int, int, BusDevice]]:
         return list(self._entries)
+
+
+class CountingBus(Bus):
+    """A Bus that also counts accesses per address (for `kvmpy boot --stats`: where the exits
+    go). Kept out of the plain Bus so the exit path pays nothing when statistics are off."""
+
+    def __init__(self, name: str, limit: int):
+        super().__init__(name, limit)
+        self.counts: dict[tuple[str, int], int] = {}
+
+    def read(self, addr: int, size: int) -> bytes:
+        key = ("r", addr)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return super().read(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        key = ("w", addr)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        super().write(addr, data)
+
+    def top(self, n: int = 10) -> list[tuple[str, int, int, str]]:
+        """[(r|w, address, count, device name)] most frequent first."""
+        rows = []
+        for (kind, addr), count in sorted(self.counts.items(), key=lambda kv: -kv[1])[:n]:
+            hit = self.lookup(addr)
+            rows.append((kind, addr, count, repr(hit[0]) if hit else "(unclaimed)"))
+        return rows
