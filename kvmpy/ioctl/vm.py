@@ -1,12 +1,15 @@
 """A KVM VM fd: memory slots, in-kernel irqchip/PIT, irqfd/ioeventfd, routing, dirty logging."""
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from kvmpy.errors import IoctlError
 from kvmpy.ioctl import numbers as nr
 from kvmpy.ioctl._fd import FdObject
 from kvmpy.ioctl._kvm import ffi, lib
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IrqRoute = tuple  # ("irqchip", gsi, chip, pin) or ("msi", gsi, address, data[, devid])
 
@@ -53,9 +56,10 @@ class Vm(FdObject):
         self._call("KVM_SET_IDENTITY_MAP_ADDR", nr.KVM_SET_IDENTITY_MAP_ADDR, value)
 
     # -- dirty logging ----------------------------------------------------------------------
-    def get_dirty_log(self, slot: int, npages: int) -> np.ndarray:
+    def get_dirty_log(self, slot: int, npages: int) -> "np.ndarray":
         """The slot's dirty bitmap (u64 words, bit i = page i); KVM clears it as it reads,
         unless manual protect is enabled."""
+        import numpy as np
         bitmap = np.zeros((npages + 63) // 64, dtype=np.uint64)
         log = ffi.new("struct kvm_dirty_log *")
         log.slot = slot
@@ -63,9 +67,10 @@ class Vm(FdObject):
         self._call(f"KVM_GET_DIRTY_LOG(slot {slot})", nr.KVM_GET_DIRTY_LOG, log)
         return bitmap
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: np.ndarray) -> None:
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: "np.ndarray") -> None:
         """Re-protect the pages whose bits are set (manual protect mode). first_page must be a
         multiple of 64 and the bitmap must cover num_pages."""
+        import numpy as np
         words = np.ascontiguousarray(bitmap, dtype=np.uint64)
         if words.size * 64 < num_pages:
             raise IoctlError(f"KVM_CLEAR_DIRTY_LOG(slot {slot}) on {self.label}",

@@ -2,19 +2,25 @@
 
 A memfd (not anonymous memory) so the same pages can later be handed to vhost, a second process
 or a migration target by file descriptor. Every GPA access is bounds-checked: addresses come
-from a possibly hostile guest.
+from a possibly hostile guest. The core works on the mmaps directly; numpy is imported on the
+first `view()`/`arrays` use, since importing it costs seconds under nested virtualization and
+booting a guest needs none of it.
 """
 from __future__ import annotations
 
 import bisect
+import ctypes
 import mmap
 import os
 import struct
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from kvmpy.errors import GuestMemoryError, KvmpyError
 from kvmpy.memslots.layout import PAGE_SIZE, RamRange, ram_ranges
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class GuestMemory:
@@ -30,7 +36,8 @@ class GuestMemory:
         self.size = total
         self.ranges = sorted(ranges, key=lambda r: r.gpa)
         self._maps: list[mmap.mmap] = []
-        self.arrays: list[np.ndarray] = []
+        self._arrays: list[np.ndarray] | None = None
+        self._addresses: list[int] = []
         for r in self.ranges:
             try:
                 m = mmap.mmap(self.fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
@@ -39,7 +46,9 @@ class GuestMemory:
                 self.close()
                 raise KvmpyError("mapping guest RAM", errno=e.errno, detail=f"range at {r.gpa:#x}") from None
             self._maps.append(m)
-            self.arrays.append(np.frombuffer(m, dtype=np.uint8))
+            anchor = ctypes.c_char.from_buffer(m)
+            self._addresses.append(ctypes.addressof(anchor))
+            del anchor  # release the buffer export so close() can unmap
         self._starts = [r.gpa for r in self.ranges]
 
     @classmethod
@@ -69,7 +78,15 @@ class GuestMemory:
 
     def host_address(self, index: int) -> int:
         """Userspace address of RAM range `index` (for KVM_SET_USER_MEMORY_REGION)."""
-        return self.arrays[index].ctypes.data
+        return self._addresses[index]
+
+    @property
+    def arrays(self) -> list["np.ndarray"]:
+        """One numpy uint8 array per RAM range, sharing the guest's pages."""
+        if self._arrays is None:
+            import numpy as np
+            self._arrays = [np.frombuffer(m, dtype=np.uint8) for m in self._maps]
+        return self._arrays
 
     # -- access --------------------------------------------------------------------------------
     def view(self, gpa: int, length: int) -> np.ndarray:
@@ -78,14 +95,17 @@ class GuestMemory:
         return self.arrays[i][off:off + length]
 
     def read(self, gpa: int, length: int) -> bytes:
-        return self.view(gpa, length).tobytes()
+        i, off = self._locate(gpa, length)
+        return self._maps[i][off:off + length]
 
-    def write(self, gpa: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).ravel()
-        self.view(gpa, len(buf))[:] = buf
+    def write(self, gpa: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
+        buf = memoryview(data).cast("B")
+        i, off = self._locate(gpa, len(buf))
+        self._maps[i][off:off + len(buf)] = buf
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
-        self.view(gpa, length)[:] = value
+        i, off = self._locate(gpa, length)
+        self._maps[i][off:off + length] = bytes((value,)) * length
 
     def read_u16(self, gpa: int) -> int:
         i, off = self._locate(gpa, 2)
@@ -120,7 +140,7 @@ class GuestMemory:
         return self.size // PAGE_SIZE
 
     def close(self) -> None:
-        self.arrays = []
+        self._arrays = None
         for m in self._maps:
             try:
                 m.close()

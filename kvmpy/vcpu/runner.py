@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
 _EINTR = -errno.EINTR  # as returned by kvmpy_run
+# An AP parked in UNINITIALIZED returns EAGAIN from KVM_RUN once INIT/SIPI wake it: run again.
+_EAGAIN = -errno.EAGAIN
 
 
 class StopKind(str, enum.Enum):
@@ -149,6 +151,8 @@ class VcpuThread:
         except Exception as e:  # a device bug must not vanish silently with the thread
             log.exception("vCPU %d: unexpected error", self.vcpu.id)
             self.reason = StopReason(StopKind.ERROR, f"{type(e).__name__}: {e}")
+        if self.reason.kind == StopKind.ERROR and self.on_stop is not None:
+            self.on_stop(self, self.reason)  # tell the composer: it must not wait for this vCPU
         with self._cond:
             self._paused = False
             self._cond.notify_all()
@@ -167,6 +171,8 @@ class VcpuThread:
                     continue
             elif ret == _EINTR:
                 outcome = Outcome.INTERRUPTED
+            elif ret == _EAGAIN:
+                continue
             else:
                 raise_ioctl(ret, self.vcpu.label)
             if outcome == Outcome.INTERRUPTED:

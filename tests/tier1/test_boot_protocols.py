@@ -59,3 +59,11 @@ def test_bad_input_is_one_clear_line(args, needle):
     assert len(lines) == 1 and lines[0].startswith(b"kvmpy: error:"), r.stderr
     assert needle in lines[0].lower()
     assert b"Traceback" not in r.stderr
+
+
+def test_second_vcpu_starts_on_init_sipi():
+    """The AP sits in KVM_RUN until the BSP's INIT/STARTUP IPIs; KVM then returns EAGAIN once,
+    which the vCPU thread must take as 'run again'."""
+    r = boot("smp_ap.elf", "--smp", "2")
+    assert r.stdout == b"SMP AP started\n", r.stderr
+    assert r.returncode == 39
