@@ -149,6 +149,10 @@ class Machine:
         self.router = MsiRouter(vm)
         self._add_legacy_devices(vm, mem)
         pci_irqs = self._add_pci_devices(vm, mem)
+        self._fastpio = ffi.new("struct kvmpy_fastpio *")
+        self.pci.attach_latch(self._fastpio)
+        for devfn in self.pci.present_devfns():
+            self._fastpio.pci_present[devfn >> 5] |= 1 << (devfn & 31)
         entry = load_kernel(mem, cfg.kernel, cfg.cmdline, cfg.initrd)
         # KVM routes the in-kernel PIT to IOAPIC pin 0 (identity GSI routing), so say so.
         write_mptable(mem, cfg.smp, pci_irqs, isa_irq0_pin=0)
@@ -259,7 +263,8 @@ class Machine:
                 fpu.fcw = 0x37F
                 fpu.mxcsr = 0x1F80
                 vcpu.set_fpu(fpu)
-            self.vcpu_threads.append(VcpuThread(vcpu, self.pio, self.mmio, on_stop=self._on_vcpu_stop))
+            self.vcpu_threads.append(VcpuThread(vcpu, self.pio, self.mmio, on_stop=self._on_vcpu_stop,
+                                                fastpio=None if cfg.stats else self._fastpio))
 
     def _cpuid_entries(self) -> list:
         c = self._host_cpuid

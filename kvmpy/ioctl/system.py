@@ -5,7 +5,7 @@ import errno as errno_mod
 import os
 
 from kvmpy.errors import IoctlError, KvmUnavailableError
-from kvmpy.ioctl import numbers as nr
+from kvmpy.ioctl import request_numbers as nr
 from kvmpy.ioctl._fd import FdObject
 from kvmpy.ioctl._kvm import ffi, lib
 

@@ -10,7 +10,7 @@ import mmap
 from typing import NamedTuple
 
 from kvmpy.errors import IoctlError
-from kvmpy.ioctl import numbers as nr
+from kvmpy.ioctl import request_numbers as nr
 from kvmpy.ioctl._fd import FdObject
 from kvmpy.ioctl._kvm import ffi, lib
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmpy.errors import IoctlError
-from kvmpy.ioctl import numbers as nr
+from kvmpy.ioctl import request_numbers as nr
 from kvmpy.ioctl._fd import FdObject
 from kvmpy.ioctl._kvm import ffi, lib
 

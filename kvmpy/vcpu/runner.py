@@ -66,8 +66,9 @@ class VcpuThread:
     """Runs one vCPU on its own thread, dispatching exits to the two buses."""
 
     def __init__(self, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus, on_stop: StopHook | None = None,
-                 name: str | None = None):
+                 name: str | None = None, fastpio: object | None = None):
         self.vcpu = vcpu
+        self.fastpio = fastpio  # a `struct kvmpy_fastpio *` shared by all vCPUs, or None
         self.dispatcher = ExitDispatcher(vcpu.run_map, pio_bus, mmio_bus)
         self.on_stop = on_stop
         self.reason: StopReason | None = None
@@ -160,6 +161,11 @@ class VcpuThread:
 
     def _loop(self) -> StopReason:
         kvm_run = lib.kvmpy_run
+        if self.fastpio is not None:
+            fast, run_ptr, run_size, fastpio = lib.kvmpy_run_fast, self.vcpu.run_struct, len(self.vcpu.run_map), self.fastpio
+
+            def kvm_run(fd: int) -> int:
+                return fast(fd, run_ptr, run_size, fastpio)
         fd = self.vcpu.fd
         dispatch = self.dispatcher.dispatch
         run_struct = self.vcpu.run_struct

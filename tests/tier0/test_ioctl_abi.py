@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from kvmpy.ioctl import numbers
+from kvmpy.ioctl import request_numbers as numbers
 from kvmpy.ioctl._kvm import ffi, lib
 from kvmpy.ioctl.vcpu import RunLayout
 

@@ -8,7 +8,7 @@ import pytest
 from kvmpy.errors import IoctlError, KvmUnavailableError
 from kvmpy.ioctl import Kvm
 from kvmpy.ioctl._fd import FdObject
-from kvmpy.ioctl import numbers
+from kvmpy.ioctl import request_numbers as numbers
 
 
 def test_missing_device_names_the_path_and_hints(tmp_path):

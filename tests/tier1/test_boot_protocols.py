@@ -67,3 +67,14 @@ def test_second_vcpu_starts_on_init_sipi():
     r = boot("smp_ap.elf", "--smp", "2")
     assert r.stdout == b"SMP AP started\n", r.stderr
     assert r.returncode == 39
+
+
+@pytest.mark.parametrize("mode", ["fast-path", "python-only"])
+def test_pci_probe_answers_match_with_and_without_the_c_fast_path(mode):
+    """Absent-function probes are answered in C (kvmpy_run_fast); --stats turns that off so
+    every exit reaches Python. The guest checks the answers either way."""
+    r = boot("pci_probe.elf", *(["--stats"] if mode == "python-only" else []))
+    assert r.stdout == b"PCI probe ok\n", r.stderr
+    assert r.returncode == 41
+    if mode == "python-only":
+        assert b"w 0xcf8 260" in r.stderr  # every latch write reached the Python bus

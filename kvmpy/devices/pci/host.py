@@ -65,7 +65,8 @@ class PciRoot:
         self.on_bar_moved = on_bar_moved
         self.functions: dict[int, PciFunction] = {}
         self.intx_routes: list[IntxRoute] = []
-        self.address = 0
+        self._latch: object | None = None
+        self._address = 0
         self._ratelog = RateLimitedLog(log)
         self.add(PciHostBridge(), slot=0)
 
@@ -114,6 +115,28 @@ class PciRoot:
             self.on_bar_moved(function, index, old, new)
 
     # -- configuration mechanism #1 -----------------------------------------------------------
+    def attach_latch(self, latch: object) -> None:
+        """Keep the 0xCF8 address in `latch.pci_addr` (an exit fast path in C answers probes of
+        absent functions and owns the latch; this device then sees only present functions)."""
+        latch.pci_addr = self._address
+        self._latch = latch
+
+    @property
+    def address(self) -> int:
+        latch = self._latch
+        return self._address if latch is None else latch.pci_addr
+
+    @address.setter
+    def address(self, value: int) -> None:
+        if self._latch is None:
+            self._address = value
+        else:
+            self._latch.pci_addr = value
+
+    def present_devfns(self) -> list[int]:
+        """Bus-0 devfn numbers that answer configuration cycles."""
+        return sorted(slot << 3 for slot in self.functions)
+
     def _target(self) -> PciFunction | None:
         a = self.address
         if not a & 0x8000_0000 or (a >> 16) & 0xFF != 0 or (a >> 8) & 0x7 != 0:
