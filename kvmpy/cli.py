@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="kvmpy: %(levelname)s %(name)s: %(message)s")
+                        format="kvmpy: [%(relativeCreated)6.0fms] %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except KvmpyError as e:

@@ -300,6 +300,7 @@ class Machine:
             self.loop.start()
             for t in self.vcpu_threads:
                 t.start()
+            log.info("boot %d: %d vCPU(s) running", self.boots, len(self.vcpu_threads))
             while not self._done.wait(0.2):
                 if deadline is not None and time.monotonic() > deadline:
                     self.finish(124, f"timed out after {self.config.timeout:g} s")

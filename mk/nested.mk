@@ -4,7 +4,7 @@ NESTED      := $(VPY) -m kvmpy.nested
 NESTED_OPTS ?=
 TIER2_ARGS  ?=
 
-.PHONY: test-tier2 nested-run nested-shell nested-images
+.PHONY: test-tier2 nested-run nested-shell nested-images bench-boot
 
 # Tier 2 alone: in L1 when the host KVM is PVM, directly with vmx/svm, else fails with a reason.
 test-tier2: venv
@@ -23,3 +23,8 @@ nested-shell: venv
 # Fetch/unpack the kernel package and (re)build the L1 and default guest images.
 nested-images: venv
 	$(NESTED) images
+
+# Boot time, kvmpy vs QEMU (pc, microvm), medians of ROUNDS runs, in one L1.
+ROUNDS ?= 3
+bench-boot: venv
+	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/boot_time.py --rounds $(ROUNDS)'

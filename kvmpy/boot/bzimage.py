@@ -157,8 +157,8 @@ def _write_zero_page(mem: GuestMemory, image: ImageBytes, hdr: SetupHeader, load
     mem.fill(zp, BOOT_PARAMS_SIZE, 0)
     mem.write(zp + SETUP_HEADER_START, image.slice(SETUP_HEADER_START, hdr.header_end - SETUP_HEADER_START,
                                                    "setup header"))
-    mem.view(zp + HDR_TYPE_OF_LOADER, 1)[0] = LOADER_TYPE_UNDEFINED
-    mem.view(zp + HDR_LOADFLAGS, 1)[0] = hdr.loadflags | CAN_USE_HEAP
+    mem.write(zp + HDR_TYPE_OF_LOADER, bytes((LOADER_TYPE_UNDEFINED,)))
+    mem.write(zp + HDR_LOADFLAGS, bytes((hdr.loadflags | CAN_USE_HEAP,)))
     mem.write_u16(zp + HDR_HEAP_END_PTR, HEAP_END_PTR)
     mem.write_u32(zp + HDR_CODE32_START, load)
     mem.write_u32(zp + HDR_CMD_LINE_PTR, CMDLINE_ADDR)
@@ -171,7 +171,7 @@ def _write_zero_page(mem: GuestMemory, image: ImageBytes, hdr: SetupHeader, load
     e820 = build_e820(mem.ranges)
     if len(e820) > E820_MAX_ZERO_PAGE:
         raise image.error(f"{len(e820)} e820 entries do not fit the zero page")
-    mem.view(zp + BP_E820_ENTRIES, 1)[0] = len(e820)
+    mem.write(zp + BP_E820_ENTRIES, bytes((len(e820),)))
     mem.write(zp + BP_E820_TABLE, b"".join(e.pack() for e in e820))
     ram_above_1m = sum(e.size for e in e820 if e.type == 1 and e.addr >= HIMEM_START)
     mem.write_u32(zp + BP_ALT_MEM_K, min(ram_above_1m // 1024, 0xFFFFFFFF))

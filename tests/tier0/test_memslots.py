@@ -72,3 +72,21 @@ def test_bitmap_round_trip(pages):
     bm = pages_to_bitmap(sorted(pages), 1000)
     assert bm.dtype == np.uint64 and len(bm) == 16
     assert list(bitmap_to_pages(bm, 1000)) == sorted(pages)
+
+
+def test_booting_needs_no_numpy(tmp_path):
+    """numpy costs seconds to import under nested virtualization; loading a kernel into guest
+    RAM (the whole boot path before KVM_RUN) must not pull it in."""
+    import subprocess
+    import sys
+
+    from test_boot_support import make_bzimage
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    code = ("import sys, kvmpy.machine, kvmpy.bootcmd\n"
+            "from kvmpy.memslots import GuestMemory\n"
+            "from kvmpy.boot import load_kernel\n"
+            "m = GuestMemory.create(64 << 20)\n"
+            f"load_kernel(m, {str(kernel)!r}, 'console=ttyS0')\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
