@@ -26,3 +26,6 @@ def add_boot_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop the guest after this many seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
                    help="count exits per port/MMIO address and print the busiest at the end")
+    p.add_argument("--no-acpi", dest="acpi", action="store_false",
+                   help="no ACPI tables or PM device: the guest uses the MP table, and its "
+                        "poweroff halts the vCPUs instead of ending kvmpy")

@@ -13,16 +13,19 @@ import time
 from dataclasses import dataclass
 
 from kvmpy.boot import load_kernel
+from kvmpy.boot.acpi import AcpiPlatform, AcpiPmPorts, write_acpi_tables
 from kvmpy.boot.cpuid import guest_cpuid
 from kvmpy.boot.entry import apply_entry
 from kvmpy.boot.mptable import PciInterrupt, write_mptable
 from kvmpy.boot.msrs import boot_msrs
+from kvmpy.devices.acpi_pm import (PM1_CNT_OFFSET, PM1_STS_OFFSET, PM_BASE_PORT, PM_BLOCK_LENGTH,
+                                   PM_TMR_OFFSET, RESET_OFFSET, AcpiPm)
 from kvmpy.devices.bus import Bus, CountingBus
 from kvmpy.devices.console import Console, open_console
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from kvmpy.devices.i8042 import I8042
 from kvmpy.devices.legacy import FastA20Port, PostCodePort, probe_sinks
-from kvmpy.devices.pci.host import PciRoot
+from kvmpy.devices.pci.host import BAR_WINDOW_END, BAR_WINDOW_START, PciRoot
 from kvmpy.devices.rtc import CmosRtc
 from kvmpy.devices.serial import REGISTER_WINDOW, Serial16550
 from kvmpy.devices.virtio.blk import VirtioBlk
@@ -156,6 +159,8 @@ class Machine:
         entry = load_kernel(mem, cfg.kernel, cfg.cmdline, cfg.initrd)
         # KVM routes the in-kernel PIT to IOAPIC pin 0 (identity GSI routing), so say so.
         write_mptable(mem, cfg.smp, pci_irqs, isa_irq0_pin=0)
+        if cfg.acpi:
+            self._add_acpi(mem, pci_irqs)
         self._create_vcpus(entry)
         self.loop.call_later(0.5, self._poll_rtc)
 
@@ -182,6 +187,23 @@ class Machine:
         self.pio.register(DEBUG_EXIT_PORT, 4, DebugExit(on_exit=self._debug_exit))
         for base, length, sink in probe_sinks():
             self.pio.register(base, length, sink)
+
+    def _add_acpi(self, mem: GuestMemory, pci_irqs: list[PciInterrupt]) -> None:
+        """ACPI tables (after the PCI devices, so _PRT lists them) and the PM block they name;
+        the MP table stays too, and a guest with ACPI prefers the MADT."""
+        pm = AcpiPm(on_poweroff=self._acpi_poweroff, on_reset=self.request_reset)
+        self.pio.register(PM_BASE_PORT, PM_BLOCK_LENGTH, pm)
+        ports = AcpiPmPorts(pm1a_evt=PM_BASE_PORT + PM1_STS_OFFSET, pm1a_cnt=PM_BASE_PORT + PM1_CNT_OFFSET,
+                            pm_tmr=PM_BASE_PORT + PM_TMR_OFFSET, reset=PM_BASE_PORT + RESET_OFFSET,
+                            reset_value=pm.reset_value, s5_sleep_type=pm.s5_sleep_type)
+        write_acpi_tables(mem, AcpiPlatform(num_cpus=self.config.smp, pm=ports, pci_interrupts=tuple(pci_irqs),
+                                            pci_mmio_window=(BAR_WINDOW_START, BAR_WINDOW_END),
+                                            isa_irq0_pin=0))
+        self.acpi_pm = pm
+
+    def _acpi_poweroff(self) -> None:
+        self.finish(0, "guest powered off")
+        self._stop_current_vcpu()
 
     def _debug_exit(self, code: int) -> None:
         self.finish(code & 0xFF, f"guest wrote debug-exit code {code}")

@@ -28,6 +28,7 @@ class MachineConfig:
     timeout: float = 0.0
     force: bool = False
     stats: bool = False
+    acpi: bool = True
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -47,6 +48,6 @@ class MachineConfig:
                   no_reboot=args.no_reboot, device=args.device,
                   drives=[parse_drive_spec(d) for d in args.drive], rng=args.rng,
                   virtio_console=args.virtio_console, timeout=args.timeout, force=args.force,
-                  stats=getattr(args, "stats", False))
+                  stats=getattr(args, "stats", False), acpi=getattr(args, "acpi", True))
         cfg.validate()
         return cfg
