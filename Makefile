@@ -33,6 +33,7 @@ test-tier1: venv guests
 	$(PYTEST) -q tests/tier1
 
 include mk/nested.mk
+-include mk/bench.mk
 
 test: venv guests
 	$(PYTEST) -q tests/tier0 tests/tier1
