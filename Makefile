@@ -22,6 +22,7 @@ $(VPY):
 
 venv: $(VPY) deps
 	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m compileall -q kvmpy   # L1 sees the tree read-only: ship the bytecode
 
 guests:
 	$(MAKE) -C tests/guest

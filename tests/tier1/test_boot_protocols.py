@@ -78,3 +78,26 @@ def test_pci_probe_answers_match_with_and_without_the_c_fast_path(mode):
     assert r.returncode == 41
     if mode == "python-only":
         assert b"w 0xcf8 260" in r.stderr  # every latch write reached the Python bus
+
+
+def test_drive_locked_by_another_vm_is_refused(tmp_path):
+    import fcntl
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    with open(image, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another VM" writing this image
+        r = boot("mb_elf.elf", "--drive", f"file={image}")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and b"in use" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("spec,needle", [("file=/nonexistent/disk.img", b"no such file"),
+                                         ("readonly=on", b"file="),
+                                         ("file=x,cache=none", b"cache")])
+def test_bad_drive_specs_are_one_clear_line(spec, needle):
+    r = boot("mb_elf.elf", "--drive", spec)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(b"kvmpy: error:"), r.stderr
+    assert needle in lines[0].lower(), lines[0]
