@@ -15,6 +15,9 @@ from kvmpy.errors import BusError
 
 log = logging.getLogger(__name__)
 
+HIT_CACHE_LIMIT = 4096   # bounded: a guest can touch any number of MMIO addresses
+_MISS = object()
+
 
 class BusDevice(Protocol):
     def read(self, offset: int, size: int) -> bytes: ...
@@ -33,6 +36,9 @@ class Bus:
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device)
         self._lock = threading.Lock()
         self.unhandled = 0
+        # addr -> (device, offset) or None: port-I/O exits hit a few dozen addresses over and
+        # over, so a dict probe replaces the bisect on the exit path. Cleared on any change.
+        self._hits: dict[int, tuple[BusDevice, int] | None] = {}
 
     def register(self, base: int, length: int, device: BusDevice) -> None:
         if length <= 0 or base < 0 or base + length > self.limit:
@@ -55,6 +61,7 @@ class Bus:
             bases.insert(i, base)
             entries.insert(i, (base, end, device))
             self._entries, self._bases = entries, bases
+            self._hits = {}
 
     def unregister(self, base: int) -> BusDevice:
         with self._lock:
@@ -66,10 +73,22 @@ class Bus:
             dev = entries.pop(i)[2]
             bases.pop(i)
             self._entries, self._bases = entries, bases
+            self._hits = {}
             return dev
 
     def lookup(self, addr: int) -> tuple[BusDevice, int] | None:
         """(device, offset) for an address, or None."""
+        hits = self._hits  # taken first: a result computed before a change lands in the old dict
+        try:
+            return hits[addr]
+        except KeyError:
+            pass
+        hit = self._search(addr)
+        if len(hits) < HIT_CACHE_LIMIT:
+            hits[addr] = hit
+        return hit
+
+    def _search(self, addr: int) -> tuple[BusDevice, int] | None:
         entries = self._entries
         i = bisect.bisect_right(self._bases, addr) - 1
         if i >= 0:
@@ -79,7 +98,9 @@ class Bus:
         return None
 
     def read(self, addr: int, size: int) -> bytes:
-        hit = self.lookup(addr)
+        hit = self._hits.get(addr, _MISS)
+        if hit is _MISS:
+            hit = self.lookup(addr)
         if hit is None:
             self.unhandled += 1
             return b"\xff" * size
@@ -87,7 +108,9 @@ class Bus:
         return dev.read(off, size)
 
     def write(self, addr: int, data: bytes) -> None:
-        hit = self.lookup(addr)
+        hit = self._hits.get(addr, _MISS)
+        if hit is _MISS:
+            hit = self.lookup(addr)
         if hit is None:
             self.unhandled += 1
             return

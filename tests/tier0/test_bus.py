@@ -86,3 +86,22 @@ def test_lookup_matches_a_linear_scan(ranges, probe):
     expect = [(d, probe - b) for b, n, d in accepted if b <= probe < b + n]
     assert len(expect) <= 1
     assert bus.lookup(probe) == (expect[0] if expect else None)
+
+
+def test_cached_lookups_follow_registration_changes():
+    bus = Bus("mmio", 1 << 32)
+    a, b = Recorder("a"), Recorder("b")
+    assert bus.read(0x2000, 1) == b"\xff"          # caches the miss
+    bus.register(0x2000, 0x100, a)
+    assert bus.lookup(0x2000) == (a, 0)           # the miss was forgotten
+    bus.unregister(0x2000)
+    bus.register(0x1F00, 0x200, b)
+    assert bus.lookup(0x2000) == (b, 0x100)
+
+
+def test_hit_cache_is_bounded():
+    from kvmpy.devices import bus as busmod
+    bus = Bus("mmio", 1 << 32)
+    for addr in range(busmod.HIT_CACHE_LIMIT + 100):
+        bus.read(addr, 1)
+    assert len(bus._hits) <= busmod.HIT_CACHE_LIMIT
