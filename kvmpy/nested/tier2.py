@@ -18,6 +18,7 @@ from typing import Sequence
 from kvmpy.errors import NestedError
 from kvmpy.nested import initscripts
 from kvmpy.nested.kernel import REPO_ROOT
+from kvmpy.hostinfo import host_kvm_kind  # noqa: F401  (re-exported for tests)
 
 COMMAND_LINE_MAX = 2048           # x86 COMMAND_LINE_SIZE
 DEFAULT_GUEST_APPEND = "console=ttyS0 panic=-1 reboot=t quiet"
@@ -31,25 +32,6 @@ class Tier2Mode:
 
     kind: str
     reason: str
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def host_kvm_kind() -> str:
-    """`hardware` (vmx/svm + /dev/kvm), `pvm` (kvm_pvm loaded) or `none`."""
-    if Path("/sys/module/kvm_pvm").exists():
-        return "pvm"
-    if _cpu_flags() & {"vmx", "svm"} and os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "hardware"
-    return "none"
 
 
 def tier2_mode() -> Tier2Mode:
