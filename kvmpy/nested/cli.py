@@ -1,7 +1,7 @@
 """`kvmpy nested ...` (and `python -m kvmpy.nested ...`): run commands in the L1 harness.
 
-    run [--timeout S] [--boot-timeout S] [--memory MiB] [--cpus N] [--verbose] -- CMD...
-    shell [--memory MiB] [--cpus N]
+    run [--timeout S] [--boot-timeout S] [--memory MiB] [--cpus N] [--disk IMG] [--verbose] -- CMD...
+    shell [--memory MiB] [--cpus N] [--disk IMG]
     tier2 [-- PYTEST-ARGS...]
     images          build/refresh the kernel, L1 and default guest images, print their paths
 """
@@ -11,6 +11,7 @@ import argparse
 import shlex
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from kvmpy.errors import KvmpyError
@@ -25,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--memory", type=int, default=4096, help="L1 memory in MiB")
         sp.add_argument("--cpus", type=int, default=2, help="L1 vCPUs")
         sp.add_argument("--boot-timeout", type=float, default=180.0, help="seconds to ready")
+        sp.add_argument("--disk", type=Path, default=None,
+                        help="raw image attached as L1's /dev/vda (snapshot: the file is not changed)")
     run = sub.choices["run"]
     run.add_argument("--timeout", type=float, default=1500.0, help="command seconds")
     run.add_argument("--verbose", action="store_true", help="show L1's boot output too")
@@ -58,7 +61,8 @@ def main_argv(argv: Sequence[str]) -> int:
         return 0
     from kvmpy.nested.harness import HarnessConfig, L1Harness
     config = HarnessConfig(memory_mib=args.memory, cpus=args.cpus,
-                           boot_timeout_s=args.boot_timeout)
+                           boot_timeout_s=args.boot_timeout,
+                           disk=args.disk.resolve() if args.disk is not None else None)
     if args.action == "shell":
         return L1Harness(config).shell()
     words = _strip_dashes(args.command)

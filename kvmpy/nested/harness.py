@@ -4,6 +4,8 @@ This host's /dev/kvm is PVM, which cannot boot a stock kernel; L1 gives tests a 
 KVM (kvm_amd) instead. L1 has no root filesystem of its own: it chroots into the host root
 (9p, read-only, tmpfs overlay), so the host's Python, venv and checkout sit at the same paths.
 A scratch folder (command, environment, exit status) and .cache/nested are shared read-write.
+Optionally a raw image is attached as L1's only virtio disk (/dev/vda, snapshot=on so L1 never
+changes the file): a real block device for what 9p and tmpfs lack, such as O_DIRECT.
 
 The QEMU process group is killed on every exit path: timeouts, errors and Ctrl-C.
 """
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 PASSTHROUGH_PREFIXES = ("KVMPY_", "PYTEST_")
 PASSTHROUGH_NAMES = ("TERM", "LANG", "LC_ALL", "COLUMNS")
 _SAFE_PATH_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+")
+L1_DISK_DEVICE = "/dev/vda"      # the 9p shares are not block devices: the disk is the only vd*
+L1_DISK_SERIAL = "kvmpy-l1disk"
 
 
 @dataclass
@@ -47,6 +51,7 @@ class HarnessConfig:
     shutdown_grace_s: float = 30.0
     qemu: str = "qemu-system-x86_64"
     echo_boot: bool = False          # also show L1's kernel/init output before the command
+    disk: Path | None = None         # raw image attached as L1's /dev/vda (KVMPY_NESTED_DISK)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -56,6 +61,11 @@ class HarnessConfig:
             raise NestedError("configuring L1", detail=f"cpus {self.cpus} out of range")
         if min(self.boot_timeout_s, self.command_timeout_s) <= 0:
             raise NestedError("configuring L1", detail="timeouts must be positive")
+        if self.disk is not None:
+            disk = Path(self.disk)
+            _check_share_path(disk)  # it goes into a -drive option: no commas or quotes
+            if not disk.is_file():
+                raise NestedError("configuring L1", detail=f"disk image {disk} is not a file")
 
 
 @dataclass
@@ -132,6 +142,10 @@ class L1Harness:
             fsdev = f"local,id={tag},path={path},security_model=none,multidevs=remap"
             argv += ["-fsdev", fsdev + (",readonly=on" if readonly else ""),
                      "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
+        if self.config.disk is not None:
+            drive = f"file={_check_share_path(Path(self.config.disk))},format=raw,if=none,id=l1disk"
+            argv += ["-drive", drive + ",snapshot=on",
+                     "-device", f"virtio-blk-pci,drive=l1disk,serial={L1_DISK_SERIAL}"]
         return argv
 
     def _write_scratch(self, scratch: Path, command: str, cwd: Path,
@@ -139,6 +153,8 @@ class L1Harness:
         exports = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                    "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
                    "KVMPY_IN_NESTED": "1", "KVMPY_NESTED_SCRATCH": str(scratch)}
+        if self.config.disk is not None:
+            exports["KVMPY_NESTED_DISK"] = L1_DISK_DEVICE
         for name, value in env.items():
             if name in PASSTHROUGH_NAMES or name.startswith(PASSTHROUGH_PREFIXES):
                 exports[name] = value
