@@ -75,6 +75,25 @@ def test_read_write_flush(mem, image):
     blk.close()
 
 
+def test_cache_none_uses_o_direct_for_aligned_requests_only(mem, image, monkeypatch):
+    blk, dev, drv, q = start(mem, DriveSpec(str(image), cache="none"))
+    assert blk.direct_fd >= 0 and blk.direct_fd != blk.fd
+    used_fds = []
+    real_preadv, real_pwritev = os.preadv, os.pwritev
+    monkeypatch.setattr(os, "preadv", lambda fd, *a: used_fds.append(fd) or real_preadv(fd, *a))
+    monkeypatch.setattr(os, "pwritev", lambda fd, *a: used_fds.append(fd) or real_pwritev(fd, *a))
+    assert request(mem, q, dev, T_IN, 8, in_len=4096) == (S_OK, 4097)
+    assert mem.read(DATA, 4096) == image.read_bytes()[4096:8192]
+    assert request(mem, q, dev, T_IN, 1, in_len=1024) == (S_OK, 1025)  # unaligned: page cache
+    assert mem.read(DATA, 1024) == image.read_bytes()[512:1536]
+    payload = os.urandom(4096)
+    assert request(mem, q, dev, T_OUT, 16, data=payload) == (S_OK, 1)
+    assert image.read_bytes()[8192:12288] == payload
+    assert used_fds == [blk.direct_fd, blk.fd, blk.direct_fd]
+    blk.close()
+    assert blk.direct_fd == -1 and blk.fd == -1
+
+
 def test_scattered_header_and_data(mem, image):
     blk, dev, drv, q = start(mem, DriveSpec(str(image)))
     mem.write(HDR, struct.pack("<IIQ", T_IN, 0, 2))
@@ -141,12 +160,15 @@ def test_locking_and_missing_files(image, tmp_path):
     VirtioBlk(DriveSpec(str(image))).close()
     with pytest.raises(ConfigError, match="No such file"):
         VirtioBlk(DriveSpec(str(tmp_path / "missing.img")))
+    with pytest.raises(ConfigError, match="not a regular file or block device"):
+        VirtioBlk(DriveSpec("/dev/null"))
 
 
 def test_parse_drive_spec():
     assert parse_drive_spec("file=a.img") == DriveSpec("a.img")
     assert parse_drive_spec("file=/x/b.img,readonly=on,serial=abc") == DriveSpec("/x/b.img", True, "abc")
-    for bad in ("", "readonly=on", "file=a,readonly=maybe", "file=a,bogus=1", "a.img", "file=a,serial=" + "x" * 21,
+    assert parse_drive_spec("file=c.img,cache=none").cache == "none"
+    for bad in ("file=a,cache=unsafe", "", "readonly=on", "file=a,readonly=maybe", "file=a,bogus=1", "a.img", "file=a,serial=" + "x" * 21,
                 "file=a,format=qcow2"):
         with pytest.raises(ConfigError):
             parse_drive_spec(bad)

@@ -1,6 +1,8 @@
 """virtio-blk (device type 2) over a raw image file.
 
 Data moves with os.preadv/os.pwritev straight between the file and memoryviews of guest RAM.
+With cache=none (as QEMU's) aligned requests use a second, O_DIRECT descriptor, so the host page
+cache is bypassed and the host's disk DMAs into guest RAM; unaligned ones use the buffered fd.
 Every request is checked (header size, sector range, 512-byte multiples, segment lists) and a
 bad one is answered IOERR/UNSUPP; only a broken ring resets the device. The image is locked with
 flock (exclusive, or shared when read-only) so two VMs cannot write one disk.
@@ -13,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -37,6 +40,9 @@ WRITE_ZEROES_UNMAP = 1
 _HDR = struct.Struct("<IIQ")
 _SEG = struct.Struct("<QII")
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+DIRECT_ALIGN = 4096         # O_DIRECT buffer/offset/length alignment that every host device accepts
+IOV_MAX = 1024
+CACHE_MODES = ("writeback", "none")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -48,15 +54,31 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def _image_bytes(fd: int, path: str) -> int:
+    """Size of a regular image file or a block device (whose st_size is 0)."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(fd, 0, os.SEEK_END)
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"sizing disk image {path!r}", errno=e.errno) from None
+    os.close(fd)
+    raise ConfigError(f"opening disk image {path!r}", detail="not a regular file or block device")
+
+
 @dataclass(frozen=True)
 class DriveSpec:
     file: str
     readonly: bool = False
     serial: str = ""
+    cache: str = "writeback"    # or "none": O_DIRECT for aligned requests
 
 
 def parse_drive_spec(text: str) -> DriveSpec:
-    """'file=disk.img[,readonly=on][,serial=...]' -> DriveSpec (raises ConfigError)."""
+    """'file=disk.img[,readonly=on][,serial=...][,cache=none]' -> DriveSpec (raises ConfigError)."""
     opts: dict[str, str] = {}
     for part in text.split(","):
         if not part:
@@ -64,7 +86,7 @@ def parse_drive_spec(text: str) -> DriveSpec:
         key, sep, value = part.partition("=")
         if not sep:
             raise ConfigError("parsing --drive", detail=f"{part!r} is not key=value")
-        if key not in ("file", "readonly", "serial", "format", "if"):
+        if key not in ("file", "readonly", "serial", "format", "if", "cache"):
             raise ConfigError("parsing --drive", detail=f"unknown option {key!r}")
         opts[key] = value
     if not opts.get("file"):
@@ -77,7 +99,10 @@ def parse_drive_spec(text: str) -> DriveSpec:
     serial = opts.get("serial", "")
     if len(serial.encode()) > ID_BYTES:
         raise ConfigError("parsing --drive", detail=f"serial {serial!r} is longer than {ID_BYTES} bytes")
-    return DriveSpec(opts["file"], ro in ("on", "true", "yes", "1"), serial)
+    cache = opts.get("cache", "writeback")
+    if cache not in CACHE_MODES:
+        raise ConfigError("parsing --drive", detail=f"cache={cache!r} is not one of {', '.join(CACHE_MODES)}")
+    return DriveSpec(opts["file"], ro in ("on", "true", "yes", "1"), serial, cache)
 
 
 @dataclass
@@ -111,9 +136,21 @@ class VirtioBlk(VirtioDevice):
             self.fd = -1
             detail = "it is in use by another VM" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
             raise DeviceError(f"locking disk image {spec.file!r}", errno=e.errno, detail=detail) from None
-        self.capacity = os.fstat(self.fd).st_size // SECTOR
+        self.capacity = _image_bytes(self.fd, spec.file) // SECTOR
+        self.direct_fd = -1
+        if spec.cache == "none":
+            try:
+                self.direct_fd = os.open(spec.file, (os.O_RDONLY if spec.readonly else os.O_RDWR)
+                                         | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError as e:
+                self.close()
+                raise ConfigError(f"opening disk image {spec.file!r} with O_DIRECT (cache=none)",
+                                  errno=e.errno, detail="the filesystem may not support O_DIRECT") from None
 
     def close(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
@@ -209,13 +246,29 @@ class VirtioBlk(VirtioDevice):
         assert mem is not None
         views = [mem.buffer(a, n) for a, n in segs]
         offset = sector * SECTOR
+        fd = self.fd
+        if self.direct_fd >= 0 and not offset % DIRECT_ALIGN \
+                and not any((a | n) % DIRECT_ALIGN for a, n in segs):
+            fd = self.direct_fd  # guest RAM is page-aligned host memory: GPA alignment carries over
         try:
             while views:  # short reads/writes: continue where the syscall stopped
-                batch = views[:1024]
-                done = os.pwritev(self.fd, batch, offset) if write else os.preadv(self.fd, batch, offset)
+                batch = views[:IOV_MAX]
+                try:
+                    done = os.pwritev(fd, batch, offset) if write else os.preadv(fd, batch, offset)
+                except OSError as e:
+                    if fd == self.fd or e.errno != errno.EINVAL:
+                        raise
+                    self._ratelog.warning("direct", "%s: O_DIRECT refused (%s); using the page cache",
+                                          self.spec.file, e)
+                    os.close(self.direct_fd)
+                    self.direct_fd = -1
+                    fd = self.fd
+                    continue
                 if done <= 0:
                     raise OSError(errno.EIO, "short transfer")
                 offset += done
+                if done % DIRECT_ALIGN:
+                    fd = self.fd  # a short O_DIRECT transfer leaves an unaligned rest
                 while views and done >= len(views[0]):
                     done -= len(views.pop(0))
                 if done:
