@@ -3,7 +3,8 @@
 Everything in the rings is written by the guest, so every index, address, length and flag is
 checked; a violation raises QueueError and the device marks itself DEVICE_NEEDS_RESET. The
 pop/push path is the hot loop: struct formats are precompiled and the rings are read through
-memoryviews cached at activation (the rings must each lie inside one RAM range).
+memoryviews cached at activation (the rings must each lie inside one RAM range); buffers in the
+first RAM range (all of it for guests under 3 GiB) are bounds-checked inline, others by lookup.
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ class Virtqueue:
         self.mem = mem
         self.index = index
         self.max_size = max_size
+        first = mem.ranges[0] if mem.ranges else None
+        self._ram_lo, self._ram_hi = (first.gpa, first.gpa + first.size) if first else (0, 0)
         self.reset()
 
     def reset(self) -> None:
@@ -162,6 +165,8 @@ class Virtqueue:
         if head >= size:
             raise QueueError(f"queue {self.index}", detail=f"head index {head} >= size {size}")
         contains = self.mem.contains
+        unpack_desc = _DESC.unpack_from
+        lo, hi = self._ram_lo, self._ram_hi
         table = self._desc
         table_len = size
         in_indirect = False
@@ -177,7 +182,7 @@ class Virtqueue:
             count += 1
             if count > table_len:
                 raise QueueError(f"queue {self.index}", detail="descriptor chain loops or exceeds the table")
-            addr, length, flags, nxt = _DESC.unpack_from(table, idx << 4)
+            addr, length, flags, nxt = unpack_desc(table, idx << 4)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect or in_indirect or flags & VIRTQ_DESC_F_NEXT:
                     raise QueueError(f"queue {self.index}", detail=f"indirect descriptor not allowed here (flags {flags:#x})")
@@ -191,11 +196,9 @@ class Virtqueue:
                 idx = 0
                 count = 0
                 continue
-            if not contains(addr, length):
+            if not (lo <= addr and addr + length <= hi) and not contains(addr, length):
                 raise QueueError(f"queue {self.index}", detail=f"buffer [{addr:#x}+{length}] outside RAM")
             total += length
-            if total > MAX_CHAIN_BYTES:
-                raise QueueError(f"queue {self.index}", detail="chain longer than 4 GiB")
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
                 wlen += length
@@ -204,6 +207,8 @@ class Virtqueue:
             else:
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
+                if total > MAX_CHAIN_BYTES:  # at most table_len * 4 GiB: checked once, at the end
+                    raise QueueError(f"queue {self.index}", detail="chain longer than 4 GiB")
                 return DescChain(head, readable, writable, total - wlen, wlen)
             idx = nxt
 
