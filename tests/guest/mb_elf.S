@@ -1,11 +1,7 @@
 /* Multiboot v1 ELF32 guest: checks EAX/EBX from the loader, prints the command line kvmpy
  * passed in the multiboot info, and leaves through the debug-exit port (status 2*0x10+1 = 33). */
 #include "boot_common.inc"
-	.section .multiboot, "a"
-	.align 4
-	.long 0x1BADB002
-	.long 0x00000003               /* page-align modules, want memory info */
-	.long -(0x1BADB002 + 0x00000003)
+	MULTIBOOT_HEADER
 
 	.text
 	.code32

@@ -2,11 +2,7 @@
  * must answer 8086:1237, absent functions and other buses all-ones, and the 0xCF8 latch must
  * read back. Exit status 2*0x14+1 = 41 when every answer is right, 255 otherwise. */
 #include "boot_common.inc"
-	.section .multiboot, "a"
-	.align 4
-	.long 0x1BADB002
-	.long 0x00000003
-	.long -(0x1BADB002 + 0x00000003)
+	MULTIBOOT_HEADER
 
 .macro CFG_READ addr
 	movw $0xcf8, %dx

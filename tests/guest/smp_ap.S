@@ -5,11 +5,7 @@
 	.set FLAG, 0x7000
 	.set TRAMP, 0x8000
 	.set LAPIC, 0xFEE00000
-	.section .multiboot, "a"
-	.align 4
-	.long 0x1BADB002
-	.long 0x00000003
-	.long -(0x1BADB002 + 0x00000003)
+	MULTIBOOT_HEADER
 
 	.text
 	.code32
