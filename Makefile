@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 PYTEST  := $(VPY) -m pytest
-APT_PKGS := qemu-system-x86 busybox-static e2fsprogs iproute2 cpio gcc make
+APT_PKGS := qemu-system-x86 busybox-static e2fsprogs iproute2 cpio gcc make acpica-tools
 
 .PHONY: all deps venv guests test test-tier0 test-tier1 test-tier2 run bench clean
 
