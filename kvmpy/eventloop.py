@@ -2,7 +2,8 @@
 
 vCPU threads never run device code; KVM signals an ioeventfd, this loop wakes and calls the
 device. A callback that raises is logged (rate-limited, since a guest can trigger it) and the
-loop carries on: one broken device must not take the others down.
+loop carries on: one broken device must not take the others down. The loop body is on every
+virtio request's path, so it talks to epoll directly and keeps per-event work to a dict lookup.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import threading
 import time
 from collections import deque
@@ -28,9 +29,10 @@ class EventLoop:
 
     def __init__(self, name: str = "kvmpy-io"):
         self.name = name
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], Any]] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._timers: list[tuple[float, int, Callable[..., Any], tuple[Any, ...]]] = []
         self._timer_seq = itertools.count()
@@ -44,11 +46,14 @@ class EventLoop:
     def add_reader(self, fd: int, callback: Callable[[], Any]) -> None:
         """Call `callback()` on this loop's thread whenever `fd` is readable."""
         with self._lock:
+            if fd in self._callbacks or fd == self._wake_fd:
+                raise KvmpyError("adding a reader to the event loop", detail=f"fd {fd} is already registered")
             try:
-                self._selector.register(fd, selectors.EVENT_READ, callback)
-            except (KeyError, ValueError, OSError) as e:
+                self._epoll.register(fd, select.EPOLLIN)
+            except (ValueError, OSError) as e:
                 raise KvmpyError("adding a reader to the event loop",
                                  errno=getattr(e, "errno", None), detail=f"fd {fd}: {e}") from None
+            self._callbacks[fd] = callback
         self._wake()
 
     def add_eventfd(self, fd: int, callback: Callable[[], Any]) -> None:
@@ -63,10 +68,12 @@ class EventLoop:
 
     def remove_reader(self, fd: int) -> bool:
         with self._lock:
-            try:
-                self._selector.unregister(fd)
-            except (KeyError, ValueError):
+            if self._callbacks.pop(fd, None) is None:
                 return False
+            try:
+                self._epoll.unregister(fd)
+            except (ValueError, OSError):
+                pass  # already closed: the kernel dropped it from the epoll set itself
         self._wake()
         return True
 
@@ -97,7 +104,7 @@ class EventLoop:
 
     def close(self) -> None:
         self.stop()
-        self._selector.close()
+        self._epoll.close()
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1
@@ -108,17 +115,24 @@ class EventLoop:
 
     def run(self) -> None:
         """The loop body; `start()` runs it on a thread, tests may call it directly."""
+        poll, callbacks, wake_fd = self._epoll.poll, self._callbacks, self._wake_fd
         while not self._stopping:
-            timeout = self._next_timeout()
-            for key, _ in self._selector.select(timeout):
-                if key.data is None:
+            for fd, _ in poll(self._next_timeout()):
+                if fd == wake_fd:
                     try:
-                        os.eventfd_read(self._wake_fd)
+                        os.eventfd_read(wake_fd)
                     except BlockingIOError:
                         pass
                     continue
-                self._invoke(key.data, (), f"fd {key.fd}")
-            self._run_timers()
+                cb = callbacks.get(fd)
+                if cb is None:
+                    continue  # removed by another thread after epoll reported it
+                try:
+                    cb()
+                except Exception:
+                    self._failed(f"fd {fd}")
+            if self._timers:
+                self._run_timers()
             while self._pending:
                 cb, args = self._pending.popleft()
                 self._invoke(cb, args, getattr(cb, "__qualname__", repr(cb)))
@@ -135,6 +149,8 @@ class EventLoop:
     def _next_timeout(self) -> float | None:
         if self._pending:
             return 0.0
+        if not self._timers:  # call_later wakes us after pushing, so a racing timer is not lost
+            return None
         with self._lock:
             if not self._timers:
                 return None
@@ -153,5 +169,9 @@ class EventLoop:
         try:
             cb(*args)
         except Exception:  # isolate: a device's bug must not kill the I/O thread
-            self.callback_errors += 1
-            self._errlog.log(logging.ERROR, what, "event loop callback %s failed", what, exc_info=True)
+            self._failed(what)
+
+    def _failed(self, what: str) -> None:
+        """Count and log (rate-limited) the exception being handled; the loop carries on."""
+        self.callback_errors += 1
+        self._errlog.log(logging.ERROR, what, "event loop callback %s failed", what, exc_info=True)

@@ -82,3 +82,31 @@ def test_add_reader_bad_fd(loop):
         loop.add_reader(-1, lambda: None)
 
 
+
+
+def test_double_registration_is_refused_and_removal_is_idempotent(loop):
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        loop.add_eventfd(fd, lambda: None)
+        with pytest.raises(KvmpyError, match="already registered"):
+            loop.add_reader(fd, lambda: None)
+        assert loop.remove_reader(fd) is True
+        assert loop.remove_reader(fd) is False
+    finally:
+        os.close(fd)
+
+
+def test_reader_removed_after_its_fd_closed_and_loop_keeps_serving(loop):
+    dead = os.eventfd(0, os.EFD_NONBLOCK)
+    loop.add_eventfd(dead, lambda: None)
+    os.close(dead)
+    assert loop.remove_reader(dead) is True  # the kernel already forgot it: no error
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    done = threading.Event()
+    try:
+        loop.add_eventfd(fd, done.set)
+        os.eventfd_write(fd, 1)
+        wait(done)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
