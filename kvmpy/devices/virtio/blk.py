@@ -186,15 +186,17 @@ class VirtioBlk(VirtioDevice):
                 self._put_status(chain, S_IOERR)
                 return 1
             return 0
-        first_addr, first_len = chain.readable[0]
-        if first_len >= _HDR.size:  # the usual layout: the header has its own descriptor
+        readable, writable = chain.readable, chain.writable
+        first_addr, first_len = readable[0]
+        if first_len == _HDR.size:  # the usual layout: header and status byte on their own
             rtype, _, sector = _HDR.unpack_from(mem.buffer(first_addr, _HDR.size))
+            out_data = readable[1:]
         else:
-            hdr = b"".join(mem.read(a, n) for a, n in slice_segments(chain.readable, 0, _HDR.size))
+            hdr = b"".join(mem.read(a, n) for a, n in slice_segments(readable, 0, _HDR.size))
             rtype, _, sector = _HDR.unpack(hdr)
-        out_data = slice_segments(chain.readable, _HDR.size, chain.readable_len - _HDR.size)
+            out_data = slice_segments(readable, _HDR.size, chain.readable_len - _HDR.size)
         in_len = chain.writable_len - 1
-        in_data = slice_segments(chain.writable, 0, in_len)
+        in_data = writable[:-1] if writable[-1][1] == 1 else slice_segments(writable, 0, in_len)
         written = 0
         if rtype == T_IN:
             status = self._rw(sector, in_data, in_len, write=False)
