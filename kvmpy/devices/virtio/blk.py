@@ -18,9 +18,11 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from kvmpy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
-from kvmpy.devices.virtio.queue import DescChain, slice_segments
+from kvmpy.devices.virtio.queue import DescChain, Virtqueue, slice_segments
+from kvmpy.memslots import GuestMemory
 from kvmpy.errors import ConfigError, DeviceError, StateError
 from kvmpy.ratelimit import RateLimitedLog
 
@@ -124,6 +126,7 @@ class VirtioBlk(VirtioDevice):
         self.readonly = spec.readonly
         self.serial = spec.serial.encode()[:ID_BYTES]
         self.seg_max = self.queue_max_size - 2
+        self._ram0: tuple[int, int, memoryview] = (0, 0, memoryview(b""))
         self._ratelog = RateLimitedLog(log)
         try:
             self.fd = os.open(spec.file, (os.O_RDONLY if spec.readonly else os.O_RDWR) | os.O_CLOEXEC)
@@ -165,6 +168,16 @@ class VirtioBlk(VirtioDevice):
         return struct.pack("<QII HBB I BBHI BBH IIIII B3x", self.capacity, SIZE_MAX, self.seg_max, 0, 0, 0, SECTOR,
                            0, 0, 1, 0, 0, 0, 1, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
                            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
+
+    def activate(self, mem: GuestMemory, queues: list[Virtqueue], interrupt: Callable[[Virtqueue], None],
+                 driver_features: int) -> None:
+        super().activate(mem, queues, interrupt, driver_features)
+        first = mem.ranges[0]  # one view of the first RAM range: segment views are plain slices
+        self._ram0 = (first.gpa, first.gpa + first.size, mem.buffer(first.gpa, first.size))
+
+    def reset(self) -> None:
+        super().reset()
+        self._ram0 = (0, 0, memoryview(b""))
 
     def process_queue(self, index: int) -> None:
         q = self.queues[index]
@@ -246,7 +259,8 @@ class VirtioBlk(VirtioDevice):
             return S_OK
         mem = self.mem
         assert mem is not None
-        views = [mem.buffer(a, n) for a, n in segs]
+        lo, hi, ram = self._ram0
+        views = [ram[a - lo:a - lo + n] if lo <= a and a + n <= hi else mem.buffer(a, n) for a, n in segs]
         offset = sector * SECTOR
         fd = self.fd
         if self.direct_fd >= 0 and not offset % DIRECT_ALIGN \
