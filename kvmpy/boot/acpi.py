@@ -219,6 +219,7 @@ def pci_routing_table(interrupts: Iterable[PciInterrupt]) -> aml.RawAml:
 
 def build_dsdt(platform: AcpiPlatform) -> bytes:
     s5 = platform.pm.s5_sleep_type
+    # Names are relative to the definition block's root scope: the shortest form, as iasl emits.
     code = aml.name("_S5", aml.package([s5, s5, 0, 0]))
     code += aml.scope("_SB", aml.device(
         "PCI0",
