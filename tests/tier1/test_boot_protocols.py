@@ -101,3 +101,10 @@ def test_bad_drive_specs_are_one_clear_line(spec, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(b"kvmpy: error:"), r.stderr
     assert needle in lines[0].lower(), lines[0]
+
+
+def test_acpi_s5_powers_off_with_status_zero():
+    r = boot("acpi_off.elf")
+    assert r.stdout == b"ACPI S5\n" and r.returncode == 0, r.stderr
+    r = boot("acpi_off.elf", "--no-acpi")  # no PM block: the write goes nowhere
+    assert r.returncode == 255 and b"still running" in r.stdout
