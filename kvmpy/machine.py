@@ -31,7 +31,6 @@ from kvmpy.devices.serial import REGISTER_WINDOW, Serial16550
 from kvmpy.devices.virtio.blk import VirtioBlk
 from kvmpy.devices.virtio.console import VirtioConsole
 from kvmpy.devices.virtio.rng import VirtioRng
-from kvmpy.devices.virtio.transport import VirtioPciDevice
 from kvmpy.eventloop import EventLoop
 from kvmpy.interrupts import KvmIrqLine, MsiRouter
 from kvmpy.ioctl import Kvm
@@ -39,6 +38,7 @@ from kvmpy.ioctl._kvm import ffi, lib
 from kvmpy.memslots import GuestMemory
 from kvmpy.panicwatch import PanicWatch
 from kvmpy.vcpu.runner import StopKind, StopReason, VcpuThread, install_kick_signal
+from kvmpy.virtiowiring import VirtioPciWiring
 from kvmpy.vmconfig import MachineConfig
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 PCI_CONFIG_PORT = 0xCF8
-PCI_INTX_PINS = (16, 17, 18, 19, 20, 21, 22, 23)
 LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x7, 0x4
 
@@ -82,7 +81,7 @@ class Machine:
         self.loop: EventLoop | None = None
         self.router: MsiRouter | None = None
         self.vcpu_threads: list[VcpuThread] = []
-        self.virtio: list[VirtioPciDevice] = []
+        self.wiring: VirtioPciWiring | None = None
         self.boots = 0
 
     # -- ending ------------------------------------------------------------------------------
@@ -217,55 +216,15 @@ class Machine:
                 t.request_exit(0, "stopped by a device")
 
     def _add_pci_devices(self, vm, mem: GuestMemory) -> list[PciInterrupt]:
-        self.pci = PciRoot(self.mmio, on_bar_moved=self._bar_moved)
+        self.pci = PciRoot(self.mmio)
         self.pio.register(PCI_CONFIG_PORT, 8, self.pci)
-        backends = [VirtioBlk(spec) for spec in self.config.drives]
+        self.wiring = VirtioPciWiring(vm, mem, self.pci, self.loop, self.router)
+        backends: list = [VirtioBlk(spec) for spec in self.config.drives]
         if self.config.rng:
             backends.append(VirtioRng(call_later=self.loop.call_later))
         if self.hvc_console is not None:
             backends.append(VirtioConsole(self.hvc_console))
-        irqs: list[PciInterrupt] = []
-        for i, backend in enumerate(backends):
-            gsi = PCI_INTX_PINS[i % len(PCI_INTX_PINS)]
-            dev = VirtioPciDevice(backend, mem, intx=KvmIrqLine(vm, gsi))
-            sink = self.router.sink_for(dev)
-            dev.msix.sink = sink
-            dev.msix.on_vector_changed = sink.vector_changed
-            dev.notify_handler = self._notify_from_vcpu(dev)
-            self._eventfds: dict = getattr(self, "_eventfds", {})
-            slot = self.pci.add(dev, intx=dev.intx, gsi=gsi)
-            irqs.append(PciInterrupt(slot=slot, pin=1, ioapic_pin=gsi))
-            self.virtio.append(dev)
-            self._wire_notify(dev)
-        return irqs
-
-    def _notify_from_vcpu(self, dev: VirtioPciDevice):
-        loop = self.loop
-
-        def handler(queue: int) -> None:
-            loop.call_soon_threadsafe(dev.handle_notify, queue)
-        return handler
-
-    def _bar_moved(self, function, index, old, new) -> None:
-        if isinstance(function, VirtioPciDevice):
-            self._wire_notify(function)
-
-    def _wire_notify(self, dev: VirtioPciDevice) -> None:
-        """(Re)place one ioeventfd per queue at the device's notify addresses."""
-        import os
-        if not hasattr(self, "_eventfds"):
-            self._eventfds = {}
-        for (gpa, length, q, match), efd in list(self._eventfds.get(dev, {}).items()):
-            self.vm.ioeventfd(efd, gpa, length, datamatch=match, deassign=True)
-            self.loop.remove_reader(efd)
-            os.close(efd)
-        wired = {}
-        for na in dev.notify_addresses():
-            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self.vm.ioeventfd(efd, na.gpa, na.length, datamatch=na.datamatch)
-            self.loop.add_eventfd(efd, lambda d=dev, q=na.queue_index: d.handle_notify(q))
-            wired[(na.gpa, na.length, na.queue_index, na.datamatch)] = efd
-        self._eventfds[dev] = wired
+        return [self.wiring.add(backend) for backend in backends]
 
     def _create_vcpus(self, entry) -> None:
         cfg = self.config
@@ -318,7 +277,7 @@ class Machine:
             self.boots += 1
             self._build()
             if self.hvc_console is not None:
-                vcon = next((d.device for d in self.virtio if isinstance(d.device, VirtioConsole)), None)
+                vcon = self.wiring.backend(VirtioConsole)
             self.loop.start()
             for t in self.vcpu_threads:
                 t.start()
@@ -351,18 +310,12 @@ class Machine:
         self.vcpu_threads = []
         if self.loop is not None:
             self.loop.stop()
+        if self.wiring is not None:
+            self.wiring.close()
+            self.wiring = None
+        if self.loop is not None:
             self.loop.close()
             self.loop = None
-        for dev in self.virtio:
-            close = getattr(dev.device, "close", None)
-            if close is not None:
-                close()
-        for wired in getattr(self, "_eventfds", {}).values():
-            import os
-            for efd in wired.values():
-                os.close(efd)
-        self._eventfds = {}
-        self.virtio = []
         if self.router is not None:
             self.router.close()
         if self.vm is not None:
