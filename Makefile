@@ -40,6 +40,11 @@ test: venv guests
 	$(PYTEST) -q tests/tier0 tests/tier1
 	$(MAKE) test-tier2
 
+# kvmpy's main job: the stock Debian guest booted by kvmpy to an interactive shell
+# (inside the nested harness when this host's KVM is PVM).
+run: venv
+	$(VPY) -m kvmpy.nested guest-shell
+
 bench: venv guests
 	$(VPY) -m kvmpy bench exits --count 20000
 

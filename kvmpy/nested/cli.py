@@ -4,6 +4,7 @@
     shell [--memory MiB] [--cpus N] [--disk IMG]
     tier2 [-- PYTEST-ARGS...]
     images          build/refresh the kernel, L1 and default guest images, print their paths
+    guest-shell [--smp N] [--memory SIZE]   the stock guest under kvmpy, interactive (make run)
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     t2 = sub.add_parser("tier2")
     t2.add_argument("pytest_args", nargs=argparse.REMAINDER)
     sub.add_parser("images")
+    gs = sub.add_parser("guest-shell", help="boot the stock guest under kvmpy to a shell (make run)")
+    gs.add_argument("--smp", type=int, default=2)
+    gs.add_argument("--memory", default="1G")
     return p
 
 
@@ -51,6 +55,9 @@ def main_argv(argv: Sequence[str]) -> int:
     if args.action == "tier2":
         from kvmpy.nested.tier2 import run_tier2
         return run_tier2(_strip_dashes(args.pytest_args))
+    if args.action == "guest-shell":
+        from kvmpy.nested.guestshell import main as guest_shell
+        return guest_shell(args.smp, args.memory)
     if args.action == "images":
         from kvmpy.nested.images import build_guest_initramfs, build_l1_initramfs
         from kvmpy.nested.kernel import unpack

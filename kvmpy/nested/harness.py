@@ -121,7 +121,7 @@ class L1Harness:
         self.log_dir = cache_root() / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
-    def _qemu_argv(self, scratch: Path, mode: str, interactive: bool) -> list[str]:
+    def _qemu_argv(self, scratch: Path, mode: str, interactive: bool, mux: bool = True) -> list[str]:
         cache = cache_root()
         append = ["console=ttyS0", "panic=-1", "quiet", "loglevel=1",
                   f"kvmpy.scratch={_check_share_path(scratch)}",
@@ -131,9 +131,11 @@ class L1Harness:
                 "-M", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-kernel", str(self.kernel.vmlinux), "-initrd", str(self.initrd),
                 "-append", " ".join(append)]
-        if interactive:
+        if interactive and mux:
             argv += ["-chardev", "stdio,id=con,mux=on,signal=off",
                      "-serial", "chardev:con", "-mon", "chardev=con"]
+        elif interactive:
+            argv += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
         else:
             argv += ["-serial", "stdio"]
         shares = [("hostroot", "/", True), ("scratch", str(scratch), False),
@@ -253,14 +255,16 @@ class L1Harness:
         return NestedResult(rc=rc, init_s=init_s, ready_s=ready_s, command_s=command_s,
                             total_s=total, console_log=console_log)
 
-    def shell(self) -> int:
-        """An interactive bash in L1's chroot on this terminal; Ctrl-A x quits QEMU."""
+    def shell(self, command: str | None = None) -> int:
+        """An interactive bash in L1's chroot on this terminal (Ctrl-A x quits QEMU); or, with
+        `command`, that command on the terminal, with Ctrl-A passed through to it (no QEMU
+        monitor mux) so a kvmpy console inside sees its own escape key."""
         scratch = Path(tempfile.mkdtemp(prefix="kvmpy-nested-", dir="/tmp"))
         try:
-            self._write_scratch(scratch, "true", Path.cwd().resolve(), os.environ)
-            argv = self._qemu_argv(scratch, "shell", interactive=True)
-            print("nested: booting L1 (about 10-20 s); leave with `exit` or Ctrl-A x",
-                  file=sys.stderr)
+            self._write_scratch(scratch, command or "exec /bin/bash -i", Path.cwd().resolve(), os.environ)
+            argv = self._qemu_argv(scratch, "shell", interactive=True, mux=command is None)
+            print("nested: booting L1 (about 10-20 s)"
+                  + ("; leave with `exit` or Ctrl-A x" if command is None else ""), file=sys.stderr)
             # Same process group as us: QEMU must own the terminal's foreground to read it.
             proc = subprocess.Popen(argv)
             try:

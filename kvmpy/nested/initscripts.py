@@ -102,7 +102,7 @@ mount -t 9p -o $opts cache "$R$cache" || fail "mount cache share"
 [ -c $R/dev/kvm ] || fail "no /dev/kvm in L1 (kvm_amd did not load)"
 echo "@READY@ uptime=$(cut -d' ' -f1 /proc/uptime)"
 if [ "$mode" = shell ]; then
-  setsid cttyhack chroot $R /bin/sh -c ". $scratch/env.sh; exec /bin/bash -i"
+  setsid cttyhack chroot $R /bin/sh -c ". $scratch/env.sh; exec /bin/sh $scratch/cmd.sh"
   rc=$?
 else
   chroot $R /bin/sh -c ". $scratch/env.sh; exec /bin/sh $scratch/cmd.sh" </dev/null
