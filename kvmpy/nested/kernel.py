@@ -76,6 +76,14 @@ def _cached_debs(deb_dir: Path) -> list[Path]:
                   key=lambda p: int(PACKAGE_PATTERN.match(p.name).group(1).split("-")[1]))
 
 
+def _kernel_package_names() -> list[str]:
+    try:
+        deps = _run(["apt-cache", "depends", META_PACKAGE], "resolving the Debian kernel package")
+    except NestedError:
+        return []
+    return re.findall(r"Depends:\s*(linux-image-6\.1\.0-\d+-amd64)\b", deps)
+
+
 def fetch_deb(deb_dir: Path | None = None) -> Path:
     """The newest cached kernel .deb, or download the one linux-image-amd64 depends on.
 
@@ -93,8 +101,11 @@ def fetch_deb(deb_dir: Path | None = None) -> Path:
     cached = _cached_debs(deb_dir)
     if cached:
         return cached[-1]
-    deps = _run(["apt-cache", "depends", META_PACKAGE], "resolving the Debian kernel package")
-    names = re.findall(r"Depends:\s*(linux-image-6\.1\.0-\d+-amd64)\b", deps)
+    names = _kernel_package_names()
+    if not names:
+        # A fresh machine may have empty package lists: refresh them once and ask again.
+        _run(["apt-get", "update", "-qq"], "refreshing the package lists (apt-get update)")
+        names = _kernel_package_names()
     if not names:
         raise NestedError("resolving the Debian kernel package",
                           detail=f"{META_PACKAGE} does not depend on a 6.1 kernel here")
