@@ -17,7 +17,8 @@ def add_boot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="/dev/kvm", help="KVM device path")
     p.add_argument("--force", action="store_true",
                    help="boot even when the host KVM is PVM and the kernel is not PVM-aware")
-    p.add_argument("--drive", action="append", default=[], metavar="file=IMG[,readonly=on][,serial=ID]",
+    p.add_argument("--drive", action="append", default=[],
+                   metavar="file=IMG[,readonly=on][,serial=ID][,cache=none]",
                    help="a virtio-blk disk (repeatable)")
     p.add_argument("--rng", action="store_true", help="a virtio-rng device fed from getrandom")
     p.add_argument("--virtio-console", metavar="SPEC",
