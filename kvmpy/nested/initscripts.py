@@ -94,8 +94,8 @@ mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys && mount -t devtmpfs d
   || fail "mount proc/sys/dev"
 mkdir -p $R/dev/pts $R/dev/shm $R/run $R/tmp
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
-mount -t tmpfs tmpfs $R/dev/shm && mount -t tmpfs tmpfs $R/run && mount -t tmpfs tmpfs $R/tmp \
-  || fail "mount tmpfs"
+# /tmp stays the overlay's (writable, in RAM): a tmpfs there would hide a checkout under /tmp.
+mount -t tmpfs tmpfs $R/dev/shm && mount -t tmpfs tmpfs $R/run || fail "mount tmpfs"
 mkdir -p "$R$scratch" "$R$cache"
 mount -t 9p -o $opts scratch "$R$scratch" || fail "mount scratch share"
 mount -t 9p -o $opts cache "$R$cache" || fail "mount cache share"
