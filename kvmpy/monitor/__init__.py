@@ -1,1 +1,1 @@
-"""kvmpy.monitor"""
+"""kvmpy.monitor: the QMP-compatible control socket. Empty until that issue lands."""
