@@ -36,8 +36,10 @@ test-tier1: venv guests
 include mk/nested.mk
 -include mk/bench.mk
 
+# Kernel and guest images first: tier 2 needs them, and a tier-0 check parses the real bzImage.
 test: venv guests
-	$(PYTEST) -q tests/tier0 tests/tier1
+	$(VPY) -m kvmpy.nested images >/dev/null
+	$(PYTEST) -q -rs tests/tier0 tests/tier1
 	$(MAKE) test-tier2
 
 # kvmpy's main job: the stock Debian guest booted by kvmpy to an interactive shell
