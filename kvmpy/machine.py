@@ -141,7 +141,8 @@ class Machine:
         vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         vm.create_irqchip()
         vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
-        mem = self.memory = GuestMemory.create(cfg.memory)
+        mem = self.memory = GuestMemory.create(cfg.memory, cfg.mem_backend)
+        log.info("guest RAM: %d MiB, %s backing", cfg.memory >> 20, mem.backend)
         for i, r in enumerate(mem.ranges):
             vm.set_user_memory_region(r.slot, r.gpa, r.size, mem.host_address(i))
         bus = CountingBus if cfg.stats else Bus

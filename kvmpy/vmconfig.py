@@ -28,6 +28,7 @@ class MachineConfig:
     timeout: float = 0.0
     force: bool = False
     stats: bool = False
+    mem_backend: str = "auto"
     acpi: bool = True
 
     def validate(self) -> None:
@@ -48,6 +49,7 @@ class MachineConfig:
                   no_reboot=args.no_reboot, device=args.device,
                   drives=[parse_drive_spec(d) for d in args.drive], rng=args.rng,
                   virtio_console=args.virtio_console, timeout=args.timeout, force=args.force,
-                  stats=getattr(args, "stats", False), acpi=getattr(args, "acpi", True))
+                  stats=getattr(args, "stats", False),
+                  mem_backend=getattr(args, "mem_backend", "auto"), acpi=getattr(args, "acpi", True))
         cfg.validate()
         return cfg

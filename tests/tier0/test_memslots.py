@@ -58,7 +58,7 @@ def test_access_and_bounds():
 
 
 def test_views_share_memory_with_the_memfd():
-    with GuestMemory.create(1 << 20) as mem:
+    with GuestMemory.create(1 << 20, backend="memfd") as mem:
         v = mem.view(0x100, 4)
         v[:] = np.frombuffer(b"wxyz", dtype=np.uint8)
         assert mem.read(0x100, 4) == b"wxyz"
@@ -90,3 +90,26 @@ def test_booting_needs_no_numpy(tmp_path):
             f"load_kernel(m, {str(kernel)!r}, 'console=ttyS0')\n"
             "assert 'numpy' not in sys.modules, 'numpy was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend", ["memfd", "anon"])
+def test_both_backings_behave_alike(backend):
+    with GuestMemory.create(8 << 20, backend=backend) as mem:
+        assert mem.backend == backend and (mem.fd >= 0) == (backend == "memfd")
+        mem.write(0x2000, b"abcd")
+        assert mem.read(0x2000, 4) == b"abcd" and isinstance(mem.read(0x2000, 4), bytes)
+        assert bytes(mem.buffer(0x2000, 4)) == b"abcd"
+        if backend == "anon":  # the aligned window: guest 2 MiB frames on host 2 MiB frames
+            assert mem.host_address(0) % (2 << 20) == 0
+
+
+@pytest.mark.parametrize("text,expect", [("always [within_size] advise never deny force", "memfd"),
+                                         ("always within_size [advise] never deny force", "memfd"),
+                                         ("always within_size advise [never] deny force", "anon"),
+                                         ("garbage", "anon")])
+def test_backend_follows_shmem_huge_pages(tmp_path, text, expect):
+    from kvmpy.memslots.memory import choose_backend
+    f = tmp_path / "shmem_enabled"
+    f.write_text(text + "\n")
+    assert choose_backend(str(f)) == expect
+    assert choose_backend(str(tmp_path / "missing")) == "anon"
