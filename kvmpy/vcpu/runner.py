@@ -8,6 +8,7 @@ no-op handler; Python only allows that there).
 from __future__ import annotations
 
 import enum
+import functools
 import errno
 import logging
 import signal
@@ -160,17 +161,17 @@ class VcpuThread:
         log.debug("vCPU %d ended: %s", self.vcpu.id, self.reason)
 
     def _loop(self) -> StopReason:
-        kvm_run = lib.kvmpy_run
-        if self.fastpio is not None:
-            fast, run_ptr, run_size, fastpio = lib.kvmpy_run_fast, self.vcpu.run_struct, len(self.vcpu.run_map), self.fastpio
-
-            def kvm_run(fd: int) -> int:
-                return fast(fd, run_ptr, run_size, fastpio)
         fd = self.vcpu.fd
+        # Bound once: each KVM_RUN is then a single C-level call, no Python frame in between.
+        if self.fastpio is not None:
+            kvm_run = functools.partial(lib.kvmpy_run_fast, fd, self.vcpu.run_struct,
+                                        len(self.vcpu.run_map), self.fastpio)
+        else:
+            kvm_run = functools.partial(lib.kvmpy_run, fd)
         dispatch = self.dispatcher.dispatch
         run_struct = self.vcpu.run_struct
         while True:
-            ret = kvm_run(fd)
+            ret = kvm_run()
             if ret >= 0:
                 outcome = dispatch()
                 if not outcome:
