@@ -112,11 +112,11 @@ class Machine:
         kind = reason.kind
         if kind == StopKind.RESET:
             self.request_reset()
+        elif kind == StopKind.POWEROFF:
+            self.finish(0, "guest powered off")
         elif kind == StopKind.SHUTDOWN:
             if self.panic.line is not None:
                 self.finish(2, f"guest kernel panic: {self.panic.line}")
-            elif reason.detail and "system event" in reason.detail:
-                self.finish(0, "guest powered off")
             else:
                 self.finish(3, f"guest triple fault on vCPU {thread.vcpu.id}"
                                + (f": {reason.detail}" if reason.detail else ""))
@@ -211,9 +211,8 @@ class Machine:
 
     def _stop_current_vcpu(self) -> None:
         """Called from a device on a vCPU thread: leave KVM_RUN before the next guest instruction."""
-        me = threading.current_thread()
         for t in self.vcpu_threads:
-            if t._thread is me:
+            if t.is_current():
                 t.request_exit(0, "stopped by a device")
 
     def _add_pci_devices(self, vm, mem: GuestMemory) -> list[PciInterrupt]:

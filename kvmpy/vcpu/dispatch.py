@@ -24,7 +24,7 @@ class Outcome(enum.IntEnum):
     """What the runner should do after an exit. CONTINUE is 0 so `if outcome:` means stop-ish."""
     CONTINUE = 0
     HALT = 1
-    SHUTDOWN = 2           # triple fault / KVM_EXIT_SHUTDOWN or SYSTEM_EVENT_SHUTDOWN
+    SHUTDOWN = 2           # triple fault (KVM_EXIT_SHUTDOWN)
     RESET = 3
     CRASH = 4
     INTERRUPTED = 5        # EINTR / immediate_exit: check pause/stop requests
@@ -32,6 +32,7 @@ class Outcome(enum.IntEnum):
     INTERNAL_ERROR = 7
     DEBUG = 8
     UNHANDLED = 9
+    POWEROFF = 10          # KVM_SYSTEM_EVENT_SHUTDOWN: the guest asked to power off
 
 
 _OFF_REASON = ffi.offsetof("struct kvm_run", "exit_reason")
@@ -58,7 +59,7 @@ EXIT_IO = lib.KVM_EXIT_IO
 EXIT_MMIO = lib.KVM_EXIT_MMIO
 EXIT_HLT = lib.KVM_EXIT_HLT
 EXIT_IO_OUT = lib.KVM_EXIT_IO_OUT
-_SYSTEM_EVENTS = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: Outcome.SHUTDOWN,
+_SYSTEM_EVENTS = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: Outcome.POWEROFF,
                   lib.KVM_SYSTEM_EVENT_RESET: Outcome.RESET,
                   lib.KVM_SYSTEM_EVENT_CRASH: Outcome.CRASH}
 _VALID_SIZES = (1, 2, 4)

@@ -32,7 +32,8 @@ _EAGAIN = -errno.EAGAIN
 
 class StopKind(str, enum.Enum):
     HALTED = "halted"
-    SHUTDOWN = "shutdown"
+    SHUTDOWN = "shutdown"          # triple fault
+    POWEROFF = "poweroff"          # a system event asked for power-off
     RESET = "reset"
     CRASH = "crash"
     EXIT_CODE = "exit-code"        # guest asked to exit (debug-exit device via request_exit)
@@ -49,7 +50,8 @@ class StopReason:
 
 
 _OUTCOME_KIND = {Outcome.HALT: StopKind.HALTED, Outcome.SHUTDOWN: StopKind.SHUTDOWN,
-                 Outcome.RESET: StopKind.RESET, Outcome.CRASH: StopKind.CRASH}
+                 Outcome.RESET: StopKind.RESET, Outcome.CRASH: StopKind.CRASH,
+                 Outcome.POWEROFF: StopKind.POWEROFF}
 
 # Hook: called on an outcome that would end the thread; return True to keep running (e.g. the
 # composer reset the vCPU), False to stop with that reason.
@@ -130,6 +132,10 @@ class VcpuThread:
     def join(self, timeout: float | None = None) -> StopReason | None:
         self._thread.join(timeout)
         return self.reason
+
+    def is_current(self) -> bool:
+        """True when called on this vCPU's own thread (e.g. from a device's write handler)."""
+        return threading.current_thread() is self._thread
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

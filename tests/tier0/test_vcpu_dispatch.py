@@ -134,7 +134,7 @@ def test_simple_exit_reasons(env, reason, outcome):
     assert disp.dispatch() == outcome
 
 
-@pytest.mark.parametrize("ev,outcome", [(lib.KVM_SYSTEM_EVENT_SHUTDOWN, Outcome.SHUTDOWN),
+@pytest.mark.parametrize("ev,outcome", [(lib.KVM_SYSTEM_EVENT_SHUTDOWN, Outcome.POWEROFF),
                                         (lib.KVM_SYSTEM_EVENT_RESET, Outcome.RESET),
                                         (lib.KVM_SYSTEM_EVENT_CRASH, Outcome.CRASH), (99, Outcome.UNHANDLED)])
 def test_system_events(env, ev, outcome):
