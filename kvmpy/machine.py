@@ -228,10 +228,11 @@ class Machine:
 
     def _create_vcpus(self, entry) -> None:
         cfg = self.config
+        tsc_deadline = bool(self.vm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER))
         for i in range(cfg.smp):
             vcpu = self.vm.create_vcpu(i)
             entries = [ffi.new("struct kvm_cpuid_entry2 *", e.as_dict())
-                       for e in guest_cpuid(self._cpuid_entries(), i, cfg.smp)]
+                       for e in guest_cpuid(self._cpuid_entries(), i, cfg.smp, tsc_deadline)]
             vcpu.set_cpuid2(entries)
             vcpu.set_msrs(boot_msrs())
             self._set_lapic_lints(vcpu)

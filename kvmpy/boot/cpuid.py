@@ -22,6 +22,7 @@ LEAF_EXT_FEATURES, LEAF_EXT_ADDR_SIZES = 0x80000001, 0x80000008
 LEAF_AMD_CACHE, LEAF_AMD_TOPOLOGY = 0x8000001D, 0x8000001E
 
 ECX_HYPERVISOR = 1 << 31
+ECX_TSC_DEADLINE = 1 << 24               # KVM emulates it (KVM_CAP_TSC_DEADLINE_TIMER) but leaves it to us
 ECX_OSXSAVE = 1 << 27                    # KVM keeps this in sync with CR4 itself
 EDX_HTT = 1 << 28
 AMD_ECX_CMP_LEGACY = 1 << 1
@@ -89,12 +90,14 @@ def _cache_sharing(eax: int, num_cpus: int) -> int:
     return (eax & ~(0xFFF << 14)) | ((sharing - 1) & 0xFFF) << 14
 
 
-def _normalise(e: CpuidEntry, vcpu: int, num_cpus: int, amd: bool) -> CpuidEntry:
+def _normalise(e: CpuidEntry, vcpu: int, num_cpus: int, amd: bool, tsc_deadline: bool) -> CpuidEntry:
     id_span = 1 << _bits_for(num_cpus)
     if e.function == LEAF_FEATURES:
         ebx = (e.ebx & 0x0000FFFF) | (min(id_span, 0xFF) << 16) | (vcpu << 24)
         edx = (e.edx | EDX_HTT) if num_cpus > 1 else (e.edx & ~EDX_HTT)
-        return replace(e, ebx=ebx, ecx=(e.ecx | ECX_HYPERVISOR) & ~ECX_OSXSAVE, edx=edx)
+        ecx = (e.ecx | ECX_HYPERVISOR) & ~ECX_OSXSAVE
+        ecx = (ecx | ECX_TSC_DEADLINE) if tsc_deadline else (ecx & ~ECX_TSC_DEADLINE)
+        return replace(e, ebx=ebx, ecx=ecx, edx=edx)
     if e.function == LEAF_CACHE and not amd:
         if e.eax & 0x1F == 0:           # cache type 0: no more caches
             return e
@@ -122,9 +125,14 @@ def kvm_leaves(host: list[CpuidEntry]) -> list[CpuidEntry]:
             CpuidEntry(LEAF_KVM_FEATURES, 0, 0, eax=offered & KVM_FEATURES_ALLOWED)]
 
 
-def guest_cpuid(host_entries: Iterable[Any], vcpu_index: int, num_cpus: int) -> list[CpuidEntry]:
+def guest_cpuid(host_entries: Iterable[Any], vcpu_index: int, num_cpus: int,
+                tsc_deadline: bool = False) -> list[CpuidEntry]:
     """CPUID entries for vCPU `vcpu_index` of `num_cpus`, from KVM_GET_SUPPORTED_CPUID's entries
-    (dicts, dataclasses or cffi structs with function/index/flags/eax/ebx/ecx/edx)."""
+    (dicts, dataclasses or cffi structs with function/index/flags/eax/ebx/ecx/edx).
+
+    `tsc_deadline`: KVM has KVM_CAP_TSC_DEADLINE_TIMER. Advertising it lets Linux skip the LAPIC
+    timer calibration (a 100 ms busy loop that nested virtualization stretches) and program
+    timers with one MSR write; KVM never reports it in GET_SUPPORTED_CPUID."""
     if not 1 <= num_cpus <= MAX_APIC_ID or not 0 <= vcpu_index < num_cpus:
         raise BootError("building guest CPUID",
                         detail=f"vCPU {vcpu_index} of {num_cpus}: need 0 <= index < count <= {MAX_APIC_ID}")
@@ -136,7 +144,7 @@ def guest_cpuid(host_entries: Iterable[Any], vcpu_index: int, num_cpus: int) -> 
     for e in host:
         if e.function in (LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2, LEAF_KVM_SIGNATURE, LEAF_KVM_FEATURES):
             continue
-        out[(e.function, e.index)] = _normalise(e, vcpu_index, num_cpus, amd)
+        out[(e.function, e.index)] = _normalise(e, vcpu_index, num_cpus, amd, tsc_deadline)
     for leaf in (LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2):
         if any(e.function == leaf for e in host):
             out.update({(e.function, e.index): e for e in _topology_leaf(leaf, vcpu_index, num_cpus)})

@@ -116,3 +116,15 @@ def test_bad_topology_rejected(vcpu, n):
 def test_host_without_leaf1_rejected():
     with pytest.raises(BootError, match="leaf 1"):
         guest_cpuid([dict(function=0, eax=0)], 0, 1)
+
+
+@pytest.mark.parametrize("host", [intel_host, amd_host])
+def test_tsc_deadline_follows_the_kvm_capability(host):
+    """KVM never reports TSC-deadline in GET_SUPPORTED_CPUID; it is set only when the VMM says
+    KVM has KVM_CAP_TSC_DEADLINE_TIMER, and cleared otherwise even if the input had it."""
+    entries = host()
+    assert not leaf(guest_cpuid(entries, 0, 1), 1).ecx & (1 << 24)
+    assert leaf(guest_cpuid(entries, 0, 1, tsc_deadline=True), 1).ecx & (1 << 24)
+    with_bit = [dict(e, ecx=e.get("ecx", 0) | (1 << 24)) if e["function"] == 1 else e for e in entries]
+    assert not leaf(guest_cpuid(with_bit, 0, 1, tsc_deadline=False), 1).ecx & (1 << 24)
+    assert leaf(guest_cpuid(entries, 0, 1, tsc_deadline=True), 1).ecx & (1 << 31)  # other bits kept
