@@ -175,7 +175,7 @@ class Machine:
     def _add_legacy_devices(self, vm, mem: GuestMemory) -> None:
         self.serial = Serial16550(KvmIrqLine(vm, COM1_IRQ), self.panic.write, name="com1")
         self.pio.register(COM1_PORT, REGISTER_WINDOW, self.serial)
-        self.i8042 = I8042(on_reset=self.request_reset, kbd_irq=KvmIrqLine(vm, 1))
+        self.i8042 = I8042(on_reset=self.request_reset, kbd_irq=KvmIrqLine(vm, 1), aux_irq=KvmIrqLine(vm, 12))
         self.pio.register(0x60, 1, self.i8042.data_port)
         self.pio.register(0x64, 1, self.i8042.command_port)
         self.rtc = CmosRtc(KvmIrqLine(vm, 8))
