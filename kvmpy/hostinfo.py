@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -102,6 +101,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"kvmpy: {e}", file=sys.stderr)
         return 1
     if args.json:
+        import json  # only `kvmpy info --json` needs it; `kvmpy boot` imports this module too
         print(json.dumps(facts, indent=2, sort_keys=True))
         return 0
     print(f"KVM device      {facts['device']} (API version {facts['api_version']})")

@@ -28,9 +28,6 @@ from kvmpy.devices.legacy import FastA20Port, PostCodePort, probe_sinks
 from kvmpy.devices.pci.host import BAR_WINDOW_END, BAR_WINDOW_START, PciRoot
 from kvmpy.devices.rtc import CmosRtc
 from kvmpy.devices.serial import REGISTER_WINDOW, Serial16550
-from kvmpy.devices.virtio.blk import VirtioBlk
-from kvmpy.devices.virtio.console import VirtioConsole
-from kvmpy.devices.virtio.rng import VirtioRng
 from kvmpy.eventloop import EventLoop
 from kvmpy.interrupts import KvmIrqLine, MsiRouter
 from kvmpy.ioctl import Kvm
@@ -219,10 +216,16 @@ class Machine:
         self.pci = PciRoot(self.mmio)
         self.pio.register(PCI_CONFIG_PORT, 8, self.pci)
         self.wiring = VirtioPciWiring(vm, mem, self.pci, self.loop, self.router)
-        backends: list = [VirtioBlk(spec) for spec in self.config.drives]
+        # Backends are imported only when configured: every module costs start-up time.
+        backends: list = []
+        if self.config.drives:
+            from kvmpy.devices.virtio.blk import VirtioBlk
+            backends += [VirtioBlk(spec) for spec in self.config.drives]
         if self.config.rng:
+            from kvmpy.devices.virtio.rng import VirtioRng
             backends.append(VirtioRng(call_later=self.loop.call_later))
         if self.hvc_console is not None:
+            from kvmpy.devices.virtio.console import VirtioConsole
             backends.append(VirtioConsole(self.hvc_console))
         return [self.wiring.add(backend) for backend in backends]
 
@@ -278,6 +281,7 @@ class Machine:
             self.boots += 1
             self._build()
             if self.hvc_console is not None:
+                from kvmpy.devices.virtio.console import VirtioConsole
                 vcon = self.wiring.backend(VirtioConsole)
             self.loop.start()
             for t in self.vcpu_threads:

@@ -9,12 +9,11 @@ import logging
 
 from kvmpy.errors import BootError, GuestMemoryError
 from kvmpy.boot.bzimage import is_bzimage, load_bzimage
-from kvmpy.boot.elf import is_elf, parse_elf
 from kvmpy.boot.entry import BootEntry
 from kvmpy.boot.image import ImageBytes, initrd_size, read_kernel
-from kvmpy.boot.multiboot import find_header, load_multiboot
-from kvmpy.boot.pvh import load_pvh, pvh_entry_point
 from kvmpy.memslots import GuestMemory
+# The ELF, PVH and multiboot loaders are imported when a kernel needs them: start-up time counts
+# (the nested harness runs Python ~30x slower) and most boots are bzImages.
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +22,9 @@ def detect_format(image: ImageBytes) -> str:
     """'bzimage', 'pvh' or 'multiboot'; BootError when the file is none of them."""
     if is_bzimage(image.data):
         return "bzimage"
+    from kvmpy.boot.elf import is_elf, parse_elf
+    from kvmpy.boot.multiboot import find_header
+    from kvmpy.boot.pvh import pvh_entry_point
     if is_elf(image.data) and pvh_entry_point(image, parse_elf(image)) is not None:
         return "pvh"
     if find_header(image.data) is not None:
@@ -49,10 +51,13 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: str,
         if fmt == "bzimage":
             return load_bzimage(mem, image, cmdline, initrd_path)
         if fmt == "pvh":
+            from kvmpy.boot.elf import parse_elf
+            from kvmpy.boot.pvh import load_pvh, pvh_entry_point
             elf = parse_elf(image)
             entry = pvh_entry_point(image, elf)
             assert entry is not None
             return load_pvh(mem, image, elf, entry, cmdline, initrd_path)
+        from kvmpy.boot.multiboot import find_header, load_multiboot
         header = find_header(image.data)
         assert header is not None
         return load_multiboot(mem, image, header, cmdline, initrd_path)

@@ -22,7 +22,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import stat
 import termios
 import threading
@@ -366,6 +365,7 @@ class UnixSocketConsole(Console):
         super().__init__(**kw)
         self.path = path
         _claim_socket_path(path)
+        import socket  # here, not at module level: only unix-socket consoles pay for it
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._listener.bind(path)
@@ -427,6 +427,7 @@ class UnixSocketConsole(Console):
         except OSError:
             # The reader thread owns closing; shutting down makes its recv() return b"".
             try:
+                import socket  # loaded already: a client exists
                 client.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
@@ -444,6 +445,7 @@ class UnixSocketConsole(Console):
 
 def _claim_socket_path(path: str) -> None:
     """Remove a stale socket left by a dead kvmpy; refuse a live one or a non-socket."""
+    import socket
     try:
         st = os.lstat(path)
     except FileNotFoundError:
