@@ -21,7 +21,7 @@ $(VPY):
 	$(VPY) -m pip install -q --upgrade pip
 
 venv: $(VPY) deps
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat  # a path .pth: no import-hook finder at start-up
 	$(VPY) -m compileall -q kvmpy   # L1 sees the tree read-only: ship the bytecode
 
 guests:
