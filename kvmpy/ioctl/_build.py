@@ -97,6 +97,9 @@ typedef unsigned long long __u64;
 #define KVM_CAP_DIRTY_LOG_RING ...
 #define KVM_CAP_DIRTY_LOG_RING_ACQ_REL ...
 #define KVM_CAP_TSC_DEADLINE_TIMER ...
+#define KVM_CAP_COALESCED_MMIO ...
+#define KVM_CAP_COALESCED_PIO ...
+#define KVM_COALESCED_MMIO_PAGE_OFFSET ...
 #define KVM_CAP_SPLIT_IRQCHIP ...
 #define KVM_CAP_X2APIC_API ...
 #define KVM_CAP_IOEVENTFD_ANY_LENGTH ...
@@ -112,6 +115,9 @@ struct kvm_userspace_memory_region {
 };
 struct kvm_irq_level { __u32 irq; __u32 level; ...; };
 struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; ...; };
+struct kvm_coalesced_mmio_zone { __u64 addr; __u32 size; __u32 pio; ...; };
+struct kvm_coalesced_mmio { __u64 phys_addr; __u32 len; __u32 pio; __u8 data[8]; };
+struct kvm_coalesced_mmio_ring { __u32 first; __u32 last; ...; };
 struct kvm_ioeventfd {
     __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; ...;
 };
@@ -246,8 +252,13 @@ struct kvmpy_fastpio {
     uint32_t pci_addr;          /* the 0xCF8 latch, shared with the Python PciRoot */
     uint32_t pci_present[8];    /* bus 0: bit devfn set when a function exists there */
     uint64_t fast_exits;        /* exits handled here */
+    void *ring;                 /* the VM's coalesced-I/O ring when 0xCF8 writes go there, or NULL */
+    uint32_t ring_max;          /* its entry count */
+    uint32_t lock;              /* serialises draining between vCPU threads */
+    uint64_t coalesced;         /* 0xCF8 writes taken from the ring instead of an exit */
 };
 int kvmpy_run_fast(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_fastpio *f);
+void kvmpy_fastpio_drain(struct kvmpy_fastpio *f);
 """
 
 SOURCE = r"""
@@ -282,14 +293,50 @@ struct kvmpy_fastpio {
     uint32_t pci_addr;
     uint32_t pci_present[8];
     uint64_t fast_exits;
+    void *ring;
+    uint32_t ring_max;
+    uint32_t lock;
+    uint64_t coalesced;
 };
+
+/* With KVM_CAP_COALESCED_PIO the VMM registers [0xCF8, 0xCFC) as a coalesced zone: the guest's
+   writes of the address latch then do not exit at all; KVM appends them to a ring shared with
+   userspace, and every later exit drains it here first, so the latch is current before anything
+   reads it. That halves the exits of a config-space access (Linux's boot-time AGP/GART scans make
+   ~16k of them). Sub-dword writes in the zone are dropped, as PciRoot drops them; entries are
+   applied in ring order under a lock because the ring belongs to the VM, not to one vCPU. */
+static void kvmpy_fastpio_drain(struct kvmpy_fastpio *f)
+{
+    struct kvm_coalesced_mmio_ring *ring = f->ring;
+    if (!ring || __atomic_load_n(&ring->first, __ATOMIC_RELAXED)
+                 == __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE))
+        return;
+    while (__atomic_exchange_n(&f->lock, 1, __ATOMIC_ACQUIRE))
+        ;   /* another vCPU thread is draining: a few entries at most */
+    uint32_t first = ring->first;
+    uint32_t last = __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE);
+    while (first != last && first < f->ring_max && last < f->ring_max) {
+        struct kvm_coalesced_mmio *e = &ring->coalesced_mmio[first];
+        if (e->pio && e->phys_addr == 0xCF8 && e->len == 4) {
+            uint32_t v;
+            memcpy(&v, e->data, 4);
+            f->pci_addr = v & 0x80FFFFFCu;
+            f->coalesced++;
+        }
+        first = (first + 1) % f->ring_max;
+    }
+    __atomic_store_n(&ring->first, first, __ATOMIC_RELEASE);
+    __atomic_store_n(&f->lock, 0, __ATOMIC_RELEASE);
+}
 
 static int kvmpy_run_fast(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_fastpio *f)
 {
     for (;;) {
         int r = ioctl(fd, KVM_RUN, 0);
+        int err = errno;
+        kvmpy_fastpio_drain(f);
         if (r < 0)
-            return -errno;
+            return -err;
         if (run->exit_reason != KVM_EXIT_IO || run->io.count != 1)
             return r;
         uint16_t port = run->io.port;

@@ -38,6 +38,8 @@ TABLE: dict[str, tuple[str, int, int, str | None]] = {
     "KVM_IRQFD": ("IOW", KVMIO, 0x76, "struct kvm_irqfd"),
     "KVM_CREATE_PIT2": ("IOW", KVMIO, 0x77, "struct kvm_pit_config"),
     "KVM_IOEVENTFD": ("IOW", KVMIO, 0x79, "struct kvm_ioeventfd"),
+    "KVM_REGISTER_COALESCED_MMIO": ("IOW", KVMIO, 0x67, "struct kvm_coalesced_mmio_zone"),
+    "KVM_UNREGISTER_COALESCED_MMIO": ("IOW", KVMIO, 0x68, "struct kvm_coalesced_mmio_zone"),
     "KVM_SET_CLOCK": ("IOW", KVMIO, 0x7B, "struct kvm_clock_data"),
     "KVM_GET_CLOCK": ("IOR", KVMIO, 0x7C, "struct kvm_clock_data"),
     "KVM_GET_PIT2": ("IOR", KVMIO, 0x9F, "struct kvm_pit_state2"),

@@ -160,6 +160,18 @@ class Vm(FdObject):
             req.flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
         self._call(f"KVM_IOEVENTFD({'pio' if pio else 'mmio'} {addr:#x})", nr.KVM_IOEVENTFD, req)
 
+    def coalesced_io(self, addr: int, size: int, pio: bool = False, unregister: bool = False) -> None:
+        """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes inside [addr, addr+size) go to the VM's
+        coalesced ring (mapped at KVM_COALESCED_MMIO_PAGE_OFFSET of every vCPU's kvm_run
+        mapping) instead of exiting; `pio` needs KVM_CAP_COALESCED_PIO."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *")
+        zone.addr = addr
+        zone.size = size
+        zone.pio = int(pio)
+        name, req = (("KVM_UNREGISTER_COALESCED_MMIO", nr.KVM_UNREGISTER_COALESCED_MMIO) if unregister
+                     else ("KVM_REGISTER_COALESCED_MMIO", nr.KVM_REGISTER_COALESCED_MMIO))
+        self._call(f"{name}({'pio' if pio else 'mmio'} {addr:#x}+{size})", req, zone)
+
     def set_gsi_routing(self, routes: list[IrqRoute]) -> None:
         """Replace the GSI routing table. Routes: ("irqchip", gsi, chip, pin) or
         ("msi", gsi, address, data) / ("msi", gsi, address, data, devid)."""

@@ -1,6 +1,6 @@
 /* Multiboot guest probing PCI configuration mechanism #1 like an OS: the host bridge at 00:00.0
  * must answer 8086:1237, absent functions and other buses all-ones, and the 0xCF8 latch must
- * read back. Exit status 2*0x14+1 = 41 when every answer is right, 255 otherwise. */
+ * read back (and ignore sub-dword writes). Exit status 2*0x14+1 = 41 when every answer is right, 255 otherwise. */
 #include "boot_common.inc"
 	MULTIBOOT_HEADER
 
@@ -38,6 +38,15 @@ _start:
 	movw $0xcf8, %dx
 	movl $0x8000f800, %eax
 	outl %eax, %dx
+	inl %dx, %eax
+	cmpl $0x8000f800, %eax
+	jne bad
+	movw $0xcfa, %dx               /* sub-dword writes in 0xCF8..0xCFB leave the latch alone */
+	movb $0x12, %al                /* (KVM may queue them in its coalesced ring, not exit) */
+	outb %al, %dx
+	movw $0xcf8, %dx
+	movw $0x3456, %ax
+	outw %ax, %dx
 	inl %dx, %eax
 	cmpl $0x8000f800, %eax
 	jne bad

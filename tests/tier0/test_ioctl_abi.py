@@ -15,7 +15,8 @@ from kvmpy.ioctl.vcpu import RunLayout
 STRUCTS = sorted({t for (_, _, _, t) in numbers.TABLE.values() if t and t.startswith("struct")} | {
     "struct kvm_run", "struct kvm_dirty_gfn", "struct kvm_irq_routing_entry", "struct kvm_msr_entry",
     "struct kvm_cpuid_entry2", "struct kvm_segment", "struct kvm_dtable", "struct kvm_xcr",
-    "struct kvm_pic_state", "struct kvm_ioapic_state", "struct vhost_memory_region"})
+    "struct kvm_pic_state", "struct kvm_ioapic_state", "struct vhost_memory_region",
+    "struct kvm_coalesced_mmio", "struct kvm_coalesced_mmio_ring"})
 OFFSETS = [("struct kvm_run", f) for f in ("immediate_exit", "exit_reason", "io", "mmio", "system_event",
                                            "internal", "fail_entry", "kvm_valid_regs", "s")] + [
     ("struct kvm_sregs", f) for f in ("cs", "tr", "gdt", "idt", "cr0", "efer", "apic_base", "interrupt_bitmap")] + [

@@ -66,6 +66,7 @@ class PciRoot:
         self.functions: dict[int, PciFunction] = {}
         self.intx_routes: list[IntxRoute] = []
         self._latch: object | None = None
+        self._sync_latch: Callable[[], None] | None = None
         self._address = 0
         self._ratelog = RateLimitedLog(log)
         self.add(PciHostBridge(), slot=0)
@@ -115,16 +116,23 @@ class PciRoot:
             self.on_bar_moved(function, index, old, new)
 
     # -- configuration mechanism #1 -----------------------------------------------------------
-    def attach_latch(self, latch: object) -> None:
+    def attach_latch(self, latch: object, sync: Callable[[], None] | None = None) -> None:
         """Keep the 0xCF8 address in `latch.pci_addr` (an exit fast path in C answers probes of
-        absent functions and owns the latch; this device then sees only present functions)."""
+        absent functions and owns the latch; this device then sees only present functions).
+        `sync` brings the latch up to date first (guest writes of 0xCF8 may wait in KVM's
+        coalesced ring until the next exit drains it)."""
         latch.pci_addr = self._address
         self._latch = latch
+        self._sync_latch = sync
 
     @property
     def address(self) -> int:
         latch = self._latch
-        return self._address if latch is None else latch.pci_addr
+        if latch is None:
+            return self._address
+        if self._sync_latch is not None:
+            self._sync_latch()
+        return latch.pci_addr
 
     @address.setter
     def address(self, value: int) -> None:
