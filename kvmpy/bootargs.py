@@ -25,6 +25,8 @@ def add_boot_arguments(p: argparse.ArgumentParser) -> None:
                    help="a virtio console (hvc0) backend: stdio, file:PATH, unix:PATH, null")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="stop the guest after this many seconds (exit status 124)")
+    p.add_argument("--log-level", dest="boot_log_level", choices=["debug", "info", "warning", "error"],
+                   help="logging verbosity (also accepted before the subcommand)")
     p.add_argument("--stats", action="store_true",
                    help="count exits per port/MMIO address and print the busiest at the end")
     p.add_argument("--no-acpi", dest="acpi", action="store_false",

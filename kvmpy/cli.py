@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "boot_log_level", None):   # `kvmpy boot --log-level X`, as in the CLI
+        args.log_level = args.boot_log_level
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="kvmpy: [%(relativeCreated)6.0fms] %(levelname)s %(name)s: %(message)s")
     try:
