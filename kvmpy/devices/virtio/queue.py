@@ -5,12 +5,14 @@ checked; a violation raises QueueError and the device marks itself DEVICE_NEEDS_
 pop/push path is the hot loop: struct formats are precompiled and the rings are read through
 memoryviews cached at activation (the rings must each lie inside one RAM range); buffers in the
 first RAM range (all of it for guests under 3 GiB) are bounds-checked inline, others by lookup.
+With the C data path (fastpath.py) `pop` runs the same checks in C; this file stays the reference.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
+from kvmpy.devices.virtio import fastpath
 from kvmpy.errors import DeviceError, GuestMemoryError, StateError
 from kvmpy.memslots import GuestMemory
 
@@ -80,7 +82,7 @@ class Virtqueue:
     """Device side of one split virtqueue. Registers (size, addresses) are set by the transport,
     then `activate()` validates them and caches views of the rings."""
 
-    def __init__(self, mem: GuestMemory, index: int, max_size: int = 256):
+    def __init__(self, mem: GuestMemory, index: int, max_size: int = 256, fast: bool | None = None):
         if not (0 < max_size <= MAX_QUEUE_SIZE and max_size & (max_size - 1) == 0):
             raise DeviceError("creating a virtqueue", detail=f"max size {max_size} is not a power of 2")
         self.mem = mem
@@ -88,6 +90,7 @@ class Virtqueue:
         self.max_size = max_size
         first = mem.ranges[0] if mem.ranges else None
         self._ram_lo, self._ram_hi = (first.gpa, first.gpa + first.size) if first else (0, 0)
+        self.fast = fastpath.wanted(fast)
         self.reset()
 
     def reset(self) -> None:
@@ -103,6 +106,7 @@ class Virtqueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self.cring: fastpath.CRing | None = None  # the C walker's view, while active with fast
 
     # -- activation ---------------------------------------------------------------------------
     def activate(self, event_idx: bool = False, indirect: bool = False) -> None:
@@ -123,10 +127,13 @@ class Virtqueue:
             raise QueueError(f"activating queue {self.index}", detail=f"ring outside guest RAM: {e.detail}") from None
         self.event_idx = event_idx
         self.indirect = indirect
+        self.cring = fastpath.CRing(self.mem, self._desc, self._avail, self._used, size, event_idx,
+                                    indirect) if self.fast else None
         self.ready = True
 
     def deactivate(self) -> None:
         self._desc = self._avail = self._used = None
+        self.cring = None
         self.ready = False
 
     # -- the hot path -------------------------------------------------------------------------
@@ -138,6 +145,8 @@ class Virtqueue:
 
     def pop(self) -> DescChain | None:
         """The next available chain, validated, or None when the ring is empty."""
+        if self.cring is not None:
+            return self._pop_c(self.cring)
         avail = self._avail
         if avail is None:
             return None
@@ -159,6 +168,24 @@ class Virtqueue:
         if self.event_idx:
             _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
         return chain
+
+    def _pop_c(self, ring: fastpath.CRing) -> DescChain | None:
+        rc, self.last_avail_idx = ring.pop(self.last_avail_idx)
+        if rc == fastpath.CHAIN:
+            return DescChain(*ring.parts())
+        if rc == fastpath.EMPTY:
+            return None
+        raise self.c_error()
+
+    def c_chain(self) -> DescChain:
+        """The chain the C walker popped last (also what the C blk loop hands back)."""
+        assert self.cring is not None
+        return DescChain(*self.cring.parts())
+
+    def c_error(self) -> QueueError:
+        """The QueueError for the C walker's last ERROR, worded as `_walk`'s."""
+        assert self.cring is not None
+        return QueueError(f"queue {self.index}", detail=self.cring.message())
 
     def _walk(self, head: int) -> DescChain:
         size = self.size
