@@ -1,4 +1,5 @@
-"""virtio-blk through the transport and mock driver, with temp image files (no /dev/kvm)."""
+"""virtio-blk through the transport and mock driver, with temp image files (no /dev/kvm).
+Every test runs twice: the pure-Python data path and the C one (fastpath.ENABLED)."""
 import os
 import struct
 
@@ -8,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from kvmpy.devices.virtio.blk import (S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
                                       T_WRITE_ZEROES, VIRTIO_BLK_F_RO, BlkState, DriveSpec, VirtioBlk,
                                       parse_drive_spec)
+from kvmpy.devices.virtio import fastpath
 from kvmpy.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from kvmpy.devices.virtio.mock_driver import BumpAllocator, MockPciDriver
 from kvmpy.devices.virtio.transport import VirtioPciDevice
@@ -16,6 +18,20 @@ from kvmpy.memslots import GuestMemory
 
 SECTORS = 64
 HDR, DATA, STATUS = 0x70000, 0x71000, 0x7F000
+
+
+@pytest.fixture(autouse=True, params=["python", "c"])
+def datapath(request, monkeypatch):
+    """Run the test on one data path; the C one must really be built."""
+    if request.param == "c":
+        assert fastpath.AVAILABLE, "kvmpy.ioctl._kvm lacks the C virtio-blk loop: rebuild it"
+    monkeypatch.setattr(fastpath, "ENABLED", request.param == "c")
+    return request.param
+
+
+def c_requests(blk):
+    """Requests the C loop completed itself (0 on the Python path)."""
+    return blk._cblk.completed if blk._cblk is not None else 0
 
 
 @pytest.fixture
@@ -37,6 +53,7 @@ def start(mem, spec):
     dev = VirtioPciDevice(blk, mem)
     drv = MockPciDriver(dev, mem, BumpAllocator(0x10000, 0x60000))
     (q,) = drv.start(1)
+    assert (blk._cblk is not None) == (dev.queues[0].cring is not None) == fastpath.ENABLED
     return blk, dev, drv, q
 
 
@@ -64,32 +81,40 @@ def test_capacity_and_features(mem, image):
     blk.close()
 
 
-def test_read_write_flush(mem, image):
+def test_read_write_flush(mem, image, datapath):
     blk, dev, drv, q = start(mem, DriveSpec(str(image)))
     assert request(mem, q, dev, T_IN, 1, in_len=1024) == (S_OK, 1025)
     assert mem.read(DATA, 1024) == image.read_bytes()[512:1536]
     payload = os.urandom(1024)
     assert request(mem, q, dev, T_OUT, 3, data=payload, indirect=True) == (S_OK, 1)
     assert image.read_bytes()[1536:2560] == payload
-    assert request(mem, q, dev, T_FLUSH, 0) == (S_OK, 1)
+    assert c_requests(blk) == (2 if datapath == "c" else 0)
+    assert request(mem, q, dev, T_FLUSH, 0) == (S_OK, 1)  # handed back to Python
+    assert c_requests(blk) == (2 if datapath == "c" else 0)
     blk.close()
 
 
-def test_cache_none_uses_o_direct_for_aligned_requests_only(mem, image, monkeypatch):
+def test_cache_none_uses_o_direct_for_aligned_requests_only(mem, image, monkeypatch, datapath):
     blk, dev, drv, q = start(mem, DriveSpec(str(image), cache="none"))
     assert blk.direct_fd >= 0 and blk.direct_fd != blk.fd
-    used_fds = []
+    used_fds = []  # the Python path's syscalls are observable; the C path's are counted
     real_preadv, real_pwritev = os.preadv, os.pwritev
     monkeypatch.setattr(os, "preadv", lambda fd, *a: used_fds.append(fd) or real_preadv(fd, *a))
     monkeypatch.setattr(os, "pwritev", lambda fd, *a: used_fds.append(fd) or real_pwritev(fd, *a))
+    direct = []
     assert request(mem, q, dev, T_IN, 8, in_len=4096) == (S_OK, 4097)
+    direct.append(blk.direct_requests)
     assert mem.read(DATA, 4096) == image.read_bytes()[4096:8192]
     assert request(mem, q, dev, T_IN, 1, in_len=1024) == (S_OK, 1025)  # unaligned: page cache
+    direct.append(blk.direct_requests)
     assert mem.read(DATA, 1024) == image.read_bytes()[512:1536]
     payload = os.urandom(4096)
     assert request(mem, q, dev, T_OUT, 16, data=payload) == (S_OK, 1)
+    direct.append(blk.direct_requests)
     assert image.read_bytes()[8192:12288] == payload
-    assert used_fds == [blk.direct_fd, blk.fd, blk.direct_fd]
+    assert direct == [1, 1, 2]
+    assert used_fds == ([] if datapath == "c" else [blk.direct_fd, blk.fd, blk.direct_fd])
+    assert c_requests(blk) == (3 if datapath == "c" else 0)
     blk.close()
     assert blk.direct_fd == -1 and blk.fd == -1
 
@@ -113,6 +138,8 @@ def test_out_of_range_and_unsupported(mem, image):
     assert request(mem, q, dev, T_IN, 0, in_len=100)[0] == S_IOERR  # not a sector multiple
     assert request(mem, q, dev, 99, 0)[0] == S_UNSUPP
     assert request(mem, q, dev, T_IN, SECTORS - 1, in_len=512)[0] == S_OK  # the last sector works
+    assert request(mem, q, dev, T_IN, SECTORS, in_len=0) == (S_OK, 1)  # empty, at the end: fine
+    assert request(mem, q, dev, T_IN, SECTORS + 1, in_len=0)[0] == S_IOERR  # empty, past the end
     blk.close()
 
 
