@@ -119,6 +119,24 @@ def test_cache_none_uses_o_direct_for_aligned_requests_only(mem, image, monkeypa
     assert blk.direct_fd == -1 and blk.fd == -1
 
 
+def test_host_io_errors_answered_ioerr_and_logged(mem, image, caplog, datapath):
+    blk, dev, drv, q = start(mem, DriveSpec(str(image)))
+    os.truncate(image, 8 * 512)  # shrunk behind our back: reads past 4 KiB find end of file
+    assert request(mem, q, dev, T_IN, 6, in_len=2048) == (S_IOERR, 1)  # short, then nothing
+    assert request(mem, q, dev, T_IN, 2, in_len=1024) == (S_OK, 1025)
+    good_fd, blk.fd = blk.fd, os.open(image, os.O_RDONLY)
+    try:
+        assert request(mem, q, dev, T_OUT, 0, data=b"w" * 512) == (S_IOERR, 1)  # EBADF
+    finally:
+        os.close(blk.fd)
+        blk.fd = good_fd
+    messages = [r.getMessage().replace(str(image), "IMG") for r in caplog.records if r.levelname == "WARNING"]
+    assert messages == ["IMG: read failed: [Errno 5] short transfer",
+                        "IMG: write failed: [Errno 9] Bad file descriptor"]
+    assert c_requests(blk) == (3 if datapath == "c" else 0) and not dev.broken
+    blk.close()
+
+
 def test_scattered_header_and_data(mem, image):
     blk, dev, drv, q = start(mem, DriveSpec(str(image)))
     mem.write(HDR, struct.pack("<IIQ", T_IN, 0, 2))
