@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from kvmpy.devices.virtio.blk import DriveSpec, parse_drive_spec
+from kvmpy.devices.virtio.drive import DriveSpec, parse_drive_spec
 from kvmpy.errors import ConfigError
 from kvmpy.memslots import parse_size
 

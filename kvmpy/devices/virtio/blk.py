@@ -12,7 +12,6 @@ other request (flush, get-id, discard, odd layouts, refusals this code logs) bac
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -24,6 +23,7 @@ from typing import Any, Callable
 
 from kvmpy.devices.virtio import fastpath
 from kvmpy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from kvmpy.devices.virtio.drive import CACHE_MODES, ID_BYTES, DriveSpec, parse_drive_spec  # noqa: F401
 from kvmpy.devices.virtio.queue import DescChain, Virtqueue, slice_segments
 from kvmpy.memslots import GuestMemory
 from kvmpy.errors import ConfigError, DeviceError, StateError
@@ -37,7 +37,6 @@ VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH = 1 << 6, 1 << 9
 VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES = 1 << 13, 1 << 14
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-ID_BYTES = 20
 SIZE_MAX = 1 << 20          # per-segment bound advertised to the driver
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
@@ -47,9 +46,8 @@ _SEG = struct.Struct("<QII")
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 DIRECT_ALIGN = 4096         # O_DIRECT buffer/offset/length alignment that every host device accepts
 IOV_MAX = 1024
-CACHE_MODES = ("writeback", "none")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded already; find_library would run ldconfig
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
@@ -72,42 +70,6 @@ def _image_bytes(fd: int, path: str) -> int:
         raise ConfigError(f"sizing disk image {path!r}", errno=e.errno) from None
     os.close(fd)
     raise ConfigError(f"opening disk image {path!r}", detail="not a regular file or block device")
-
-
-@dataclass(frozen=True)
-class DriveSpec:
-    file: str
-    readonly: bool = False
-    serial: str = ""
-    cache: str = "writeback"    # or "none": O_DIRECT for aligned requests
-
-
-def parse_drive_spec(text: str) -> DriveSpec:
-    """'file=disk.img[,readonly=on][,serial=...][,cache=none]' -> DriveSpec (raises ConfigError)."""
-    opts: dict[str, str] = {}
-    for part in text.split(","):
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ConfigError("parsing --drive", detail=f"{part!r} is not key=value")
-        if key not in ("file", "readonly", "serial", "format", "if", "cache"):
-            raise ConfigError("parsing --drive", detail=f"unknown option {key!r}")
-        opts[key] = value
-    if not opts.get("file"):
-        raise ConfigError("parsing --drive", detail=f"{text!r} has no file=")
-    if opts.get("format", "raw") != "raw" or opts.get("if", "virtio") != "virtio":
-        raise ConfigError("parsing --drive", detail="only format=raw and if=virtio are supported")
-    ro = opts.get("readonly", "off").lower()
-    if ro not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
-        raise ConfigError("parsing --drive", detail=f"readonly={ro!r} is not on/off")
-    serial = opts.get("serial", "")
-    if len(serial.encode()) > ID_BYTES:
-        raise ConfigError("parsing --drive", detail=f"serial {serial!r} is longer than {ID_BYTES} bytes")
-    cache = opts.get("cache", "writeback")
-    if cache not in CACHE_MODES:
-        raise ConfigError("parsing --drive", detail=f"cache={cache!r} is not one of {', '.join(CACHE_MODES)}")
-    return DriveSpec(opts["file"], ro in ("on", "true", "yes", "1"), serial, cache)
 
 
 @dataclass
