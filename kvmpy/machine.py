@@ -12,6 +12,7 @@ import mmap
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvmpy.boot import load_kernel
 from kvmpy.boot.acpi import AcpiPlatform, AcpiPmPorts, write_acpi_tables
@@ -36,8 +37,10 @@ from kvmpy.ioctl._kvm import ffi, lib
 from kvmpy.memslots import GuestMemory
 from kvmpy.panicwatch import PanicWatch
 from kvmpy.vcpu.runner import StopKind, StopReason, VcpuThread, install_kick_signal
-from kvmpy.virtiowiring import VirtioPciWiring
 from kvmpy.vmconfig import MachineConfig
+
+if TYPE_CHECKING:
+    from kvmpy.virtiowiring import VirtioPciWiring
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class Machine:
         self.loop: EventLoop | None = None
         self.router: MsiRouter | None = None
         self.vcpu_threads: list[VcpuThread] = []
-        self.wiring: VirtioPciWiring | None = None
+        self.wiring: VirtioPciWiring | None = None   # only when virtio devices are configured
         self.boots = 0
 
     # -- ending ------------------------------------------------------------------------------
@@ -234,8 +237,7 @@ class Machine:
     def _add_pci_devices(self, vm, mem: GuestMemory) -> list[PciInterrupt]:
         self.pci = PciRoot(self.mmio)
         self.pio.register(PCI_CONFIG_PORT, 8, self.pci)
-        self.wiring = VirtioPciWiring(vm, mem, self.pci, self.loop, self.router)
-        # Backends are imported only when configured: every module costs start-up time.
+        # The virtio modules are imported only when configured: every module costs start-up time.
         backends: list = []
         if self.config.drives:
             from kvmpy.devices.virtio.blk import VirtioBlk
@@ -246,6 +248,10 @@ class Machine:
         if self.hvc_console is not None:
             from kvmpy.devices.virtio.console import VirtioConsole
             backends.append(VirtioConsole(self.hvc_console))
+        if not backends:
+            return []
+        from kvmpy.virtiowiring import VirtioPciWiring
+        self.wiring = VirtioPciWiring(vm, mem, self.pci, self.loop, self.router)
         return [self.wiring.add(backend) for backend in backends]
 
     def _create_vcpus(self, entry) -> None:

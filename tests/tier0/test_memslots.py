@@ -91,7 +91,7 @@ def test_booting_needs_no_numpy(tmp_path):
             f"load_kernel(m, {str(kernel)!r}, 'console=ttyS0')\n"
             "heavy = ('numpy', 'json', 'socket', 'kvmpy.boot.elf', 'kvmpy.boot.multiboot',\n"
             "         'kvmpy.boot.pvh', 'kvmpy.devices.virtio.rng', 'kvmpy.devices.virtio.console',\n"
-            "         'kvmpy.devices.virtio.blk', 'subprocess', 'shutil')\n"
+            "         'kvmpy.devices.virtio.blk', 'kvmpy.devices.virtio.queue', 'subprocess', 'shutil')\n"
             "loaded = [m for m in heavy if m in sys.modules]\n"
             "assert not loaded, f'the bzImage boot path imported {loaded}'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
