@@ -133,6 +133,17 @@ def test_event_idx(mem):
     assert vq.pop() is None and mq.avail_event == 3
 
 
+def test_views_of_the_rings_hold_no_buffer_exports(mem):
+    """CPython 3.11 crashes later if the garbage collector clears a memoryview that still has
+    exports (memory_clear drops its managed buffer, memory_dealloc then dereferences it), so the
+    C walker takes addresses and keeps plain references, never exports."""
+    mq, vq = make(mem)
+    mq.add([(0x9000, 8, True)])
+    vq.push(vq.pop(), 0)
+    for view in (vq._desc, vq._avail, vq._used, *(vq.cring._anchors if vq.cring is not None else ())):
+        view.release()  # BufferError while anything still holds an export of it
+
+
 def test_need_event_rule():
     assert need_event(0, 1, 0) and not need_event(1, 1, 0) and need_event(0xFFFF, 0, 0xFFFF)
 

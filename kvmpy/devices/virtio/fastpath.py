@@ -45,21 +45,27 @@ def wanted(fast: bool | None) -> bool:
     return bool(fast)
 
 
+def _pointer(view: memoryview) -> Any:
+    """A uint8_t * to `view`'s first byte. The buffer export is dropped at once: a memoryview
+    that still has exports when the garbage collector clears it crashes CPython 3.11 later
+    (memory_clear drops its managed buffer, then memory_dealloc dereferences it)."""
+    return ffi.cast("uint8_t *", int(ffi.cast("uintptr_t", ffi.from_buffer(view, require_writable=True))))
+
+
 class CRing:
     """C view of one activated split ring: host pointers to its three parts and to every RAM
-    range (the cffi buffers keep the mappings exported, so they cannot be unmapped under C),
-    and scratch space for one chain (at most 2*size - 1 segments: ring part plus indirect)."""
+    range, and scratch space for one chain (at most 2*size - 1 segments: ring part plus
+    indirect table). The views in `_anchors` keep the mappings from being unmapped under C
+    (GuestMemory.close cannot unmap a mapping that views still reference)."""
 
     def __init__(self, mem: GuestMemory, desc: memoryview, avail: memoryview, used: memoryview,
                  size: int, event_idx: bool, indirect: bool):
-        self._keep = [ffi.from_buffer(mem.buffer(r.gpa, r.size), require_writable=True) for r in mem.ranges]
+        self._anchors = [mem.buffer(r.gpa, r.size) for r in mem.ranges] + [desc, avail, used]
         self._ram = ffi.new("struct kvmpy_ram[]", max(1, len(mem.ranges)))
-        for slot, r, buf in zip(self._ram, mem.ranges, self._keep):
-            slot.gpa, slot.size, slot.hva = r.gpa, r.size, ffi.cast("uint8_t *", buf)
-        rings = [ffi.from_buffer(v, require_writable=True) for v in (desc, avail, used)]
-        self._keep += rings
+        for slot, r, view in zip(self._ram, mem.ranges, self._anchors):
+            slot.gpa, slot.size, slot.hva = r.gpa, r.size, _pointer(view)
         vq = self.vq = ffi.new("struct kvmpy_vq *")
-        vq.desc, vq.avail, vq.used = (ffi.cast("uint8_t *", b) for b in rings)
+        vq.desc, vq.avail, vq.used = _pointer(desc), _pointer(avail), _pointer(used)
         vq.ram, vq.nram, vq.size = self._ram, len(mem.ranges), size
         vq.event_idx, vq.indirect = event_idx, indirect
         n = 2 * size
