@@ -5,9 +5,13 @@
 BLK_ROUNDS   ?= 3
 BLK_SECONDS  ?= 5
 
-.PHONY: bench-blk
+.PHONY: bench-blk bench-vq
 
 bench-blk: venv
 	@image=$$($(VPY) benchmarks/blk_bench.py --prepare) || exit 1; \
 	$(NESTED) run $(NESTED_OPTS) --disk "$$image" -- \
 	  'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/blk_bench.py --rounds $(BLK_ROUNDS) --seq-seconds $(BLK_SECONDS) --rand-seconds $(BLK_SECONDS)'
+
+# Host CPU per virtio-blk request, pure-Python vs C data path (no KVM, no harness).
+bench-vq: venv
+	$(VPY) benchmarks/vq_bench.py
