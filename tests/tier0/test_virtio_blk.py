@@ -20,13 +20,7 @@ SECTORS = 64
 HDR, DATA, STATUS = 0x70000, 0x71000, 0x7F000
 
 
-@pytest.fixture(autouse=True, params=["python", "c"])
-def datapath(request, monkeypatch):
-    """Run the test on one data path; the C one must really be built."""
-    if request.param == "c":
-        assert fastpath.AVAILABLE, "kvmpy.ioctl._kvm lacks the C virtio-blk loop: rebuild it"
-    monkeypatch.setattr(fastpath, "ENABLED", request.param == "c")
-    return request.param
+pytestmark = pytest.mark.usefixtures("datapath")  # every test on both data paths (conftest.py)
 
 
 def c_requests(blk):

@@ -14,13 +14,7 @@ RAM = 1 << 20
 QSIZE = 8
 
 
-@pytest.fixture(autouse=True, params=["python", "c"])
-def datapath(request, monkeypatch):
-    """Run the test on one data path; the C one must really be built."""
-    if request.param == "c":
-        assert fastpath.AVAILABLE, "kvmpy.ioctl._kvm lacks the C virtqueue walker: rebuild it"
-    monkeypatch.setattr(fastpath, "ENABLED", request.param == "c")
-    return request.param
+pytestmark = pytest.mark.usefixtures("datapath")  # every test on both data paths (conftest.py)
 
 
 @pytest.fixture(scope="module")
