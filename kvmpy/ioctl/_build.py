@@ -245,6 +245,7 @@ struct vhost_memory { __u32 nregions; __u32 padding; struct vhost_memory_region 
 int kvmpy_ioctl(int fd, unsigned long request, void *arg);
 int kvmpy_ioctl_arg(int fd, unsigned long request, unsigned long arg);
 int kvmpy_run(int fd);
+void kvmpy_mb(void);
 
 /* The exit fast path (see SOURCE): PCI configuration mechanism #1 probes of absent functions
    are answered in C without returning to Python. */
@@ -377,6 +378,14 @@ static int kvmpy_run(int fd)
 {
     int r = ioctl(fd, KVM_RUN, 0);
     return r < 0 ? -errno : r;
+}
+
+/* A full memory barrier, for Python code that stores to a ring shared with the guest and then
+   loads what the guest stored (x86 lets that load pass the store: virtio's EVENT_IDX needs the
+   order, or a notification or interrupt is lost). */
+static void kvmpy_mb(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 """
 

@@ -127,6 +127,29 @@ def test_event_idx(mem):
     assert vq.pop() is None and mq.avail_event == 3
 
 
+def test_full_fence_between_publishing_and_reading_the_drivers_event(mem, monkeypatch):
+    """x86 lets a load pass an earlier store: should_notify must fence between publishing the used
+    index and reading used_event (else an interrupt can be lost), and an empty EVENT_IDX pop
+    between publishing avail_event and re-reading the avail index (the C walker fences itself)."""
+    from kvmpy.devices.virtio import queue as queue_mod
+    events: list[str] = []
+
+    class Lib:
+        def kvmpy_mb(self) -> None:
+            events.append("fence")
+
+    monkeypatch.setattr(queue_mod, "lib", Lib())
+    mq, vq = make(mem, event_idx=True)
+    mq.add([(0x9000, 8, True)])
+    vq.push(vq.pop(), 0)
+    events.clear()
+    vq.should_notify()
+    assert events == ["fence"]
+    if vq.cring is None:
+        events.clear()
+        assert vq.pop() is None and events == ["fence"]
+
+
 def test_views_of_the_rings_hold_no_buffer_exports(mem):
     """CPython 3.11 crashes later if the garbage collector clears a memoryview that still has
     exports (memory_clear drops its managed buffer, memory_dealloc then dereferences it), so the

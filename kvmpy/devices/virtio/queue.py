@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from kvmpy.devices.virtio import fastpath
+from kvmpy.ioctl._kvm import lib
 from kvmpy.errors import DeviceError, GuestMemoryError, StateError
 from kvmpy.memslots import GuestMemory
 
@@ -155,8 +156,10 @@ class Virtqueue:
         if pending == 0:
             if not self.event_idx:
                 return None
-            # Publish where we stopped, then look once more so a racing driver is not missed.
+            # Publish where we stopped, then look once more so a racing driver is not missed
+            # (the fence keeps that load from passing the store).
             _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
+            lib.kvmpy_mb()
             pending = (_U16.unpack_from(avail, 2)[0] - self.last_avail_idx) & 0xFFFF
             if pending == 0:
                 return None
@@ -256,6 +259,7 @@ class Virtqueue:
             return False
         old, new = self.signalled_used, self.used_idx
         self.signalled_used = new
+        lib.kvmpy_mb()  # the used index we published must be visible before we read used_event/flags
         if self.event_idx:
             return need_event(_U16.unpack_from(avail, 4 + 2 * self.size)[0], new, old)
         return not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
