@@ -391,40 +391,16 @@ static void kvmpy_mb(void)
 
 
 # ---- the virtio-blk data path in C (vqfast.c; see kvmpy/devices/virtio/fastpath.py) ----
-CDEF += r"""
-#define KVMPY_VQ_EMPTY ...
-#define KVMPY_VQ_CHAIN ...
-#define KVMPY_VQ_NOTE ...
-#define KVMPY_VQ_ERROR ...
-struct iovec { void *iov_base; size_t iov_len; ...; };
-struct kvmpy_ram { uint64_t gpa; uint64_t size; uint8_t *hva; };
-struct kvmpy_vq {
-    uint8_t *desc, *avail, *used;
-    const struct kvmpy_ram *ram;
-    uint32_t nram;
-    uint32_t size;
-    uint16_t last_avail_idx, used_idx;
-    uint8_t event_idx, indirect;
-    char msg[160];
-};
-struct kvmpy_chain {
-    uint32_t head, nseg, nread;
-    uint64_t readable_len, writable_len;
-    uint64_t *gpa;
-    uint32_t *len;
-    struct iovec *iov;
-};
-struct kvmpy_blk {
-    int fd, direct_fd, readonly;
-    uint64_t capacity;
-    int direct_errno, io_errno, io_short, io_write;
-    uint64_t pushed, completed, direct_reqs;
-};
+_HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(_HERE, "vqfast.h")) as _f:
+    _VQFAST_H = _f.read()
+CDEF += "struct iovec { void *iov_base; size_t iov_len; ...; };\n" + _VQFAST_H + r"""
 int kvmpy_vq_pop(struct kvmpy_vq *q, struct kvmpy_chain *c);
 int kvmpy_blk_run(struct kvmpy_vq *q, struct kvmpy_blk *b, struct kvmpy_chain *c);
 """
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqfast.c")) as _f:
-    SOURCE += "\n" + _f.read()
+with open(os.path.join(_HERE, "vqfast.c")) as _f:
+    # vqfast.c's #include "vqfast.h" would need an include path in every build: inline it.
+    SOURCE += "\n" + _f.read().replace('#include "vqfast.h"', _VQFAST_H)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
