@@ -194,7 +194,10 @@ class Machine:
     def _add_legacy_devices(self, vm, mem: GuestMemory) -> None:
         self.serial = Serial16550(KvmIrqLine(vm, COM1_IRQ), self.panic.write, name="com1")
         self.pio.register(COM1_PORT, REGISTER_WINDOW, self.serial)
-        self.i8042 = I8042(on_reset=self.request_reset, kbd_irq=KvmIrqLine(vm, 1), aux_irq=KvmIrqLine(vm, 12))
+        # The mouse (AUX) interrupt is deliberately left unwired: with IRQ 12 wired, Linux's AUX
+        # probe passes (saving its 250 ms timeout) but SMP guests then took 5-16 s to reboot, in
+        # the i8042 shutdown path (measured: 3 of 6 reboots slow with it, 0 of 6 without).
+        self.i8042 = I8042(on_reset=self.request_reset, kbd_irq=KvmIrqLine(vm, 1))
         self.pio.register(0x60, 1, self.i8042.data_port)
         self.pio.register(0x64, 1, self.i8042.command_port)
         self.rtc = CmosRtc(KvmIrqLine(vm, 8))
