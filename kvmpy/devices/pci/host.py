@@ -145,8 +145,8 @@ class PciRoot:
         """Bus-0 devfn numbers that answer configuration cycles."""
         return sorted(slot << 3 for slot in self.functions)
 
-    def _target(self) -> PciFunction | None:
-        a = self.address
+    def _target(self, a: int) -> PciFunction | None:
+        """The bus-0 function latch value `a` selects, or None."""
         if not a & 0x8000_0000 or (a >> 16) & 0xFF != 0 or (a >> 8) & 0x7 != 0:
             return None
         return self.functions.get((a >> 11) & 0x1F)
@@ -156,11 +156,11 @@ class PciRoot:
             if offset == 0 and size == 4:
                 return self.address.to_bytes(4, "little")
             return b"\xff" * size
-        reg = (self.address & 0xFC) + (offset - 4)
-        fn = self._target()
+        a = self.address   # read once: each read syncs the latch with KVM's coalesced ring
+        fn = self._target(a)
         if fn is None or size not in (1, 2, 4) or (offset - 4) + size > 4:
             return b"\xff" * size
-        return fn.config_read(reg, size).to_bytes(size, "little")
+        return fn.config_read((a & 0xFC) + (offset - 4), size).to_bytes(size, "little")
 
     def write(self, offset: int, data: bytes) -> None:
         size = len(data)
@@ -168,10 +168,11 @@ class PciRoot:
             if offset == 0 and size == 4:
                 self.address = int.from_bytes(data, "little") & 0x80FF_FFFC
             return
-        fn = self._target()
+        a = self.address
+        fn = self._target(a)
         if fn is None or size not in (1, 2, 4) or (offset - 4) + size > 4:
             return
-        fn.config_write((self.address & 0xFC) + (offset - 4), size, int.from_bytes(data, "little"))
+        fn.config_write((a & 0xFC) + (offset - 4), size, int.from_bytes(data, "little"))
 
     def __repr__(self) -> str:
         return "<PciRoot cf8>"
