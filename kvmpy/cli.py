@@ -6,8 +6,10 @@ unless --log-level debug asks for them.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGUSR2 asks for a state report; until a machine runs (it then reports vCPUs too), the
+    # Python stacks: a start-up that hangs is diagnosable, and the signal never kills kvmpy.
+    if hasattr(signal, "SIGUSR2"):
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "boot_log_level", None):   # `kvmpy boot --log-level X`, as in the CLI

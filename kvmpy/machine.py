@@ -7,12 +7,15 @@ made here (kvmpy.interrupts). A reboot rebuilds everything but the consoles (QEM
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import mmap
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from kvmpy.boot import load_kernel
 from kvmpy.boot.acpi import AcpiPlatform, AcpiPmPorts, write_acpi_tables
@@ -36,6 +39,7 @@ from kvmpy.ioctl import Kvm
 from kvmpy.ioctl._kvm import ffi, lib
 from kvmpy.memslots import GuestMemory
 from kvmpy.panicwatch import PanicWatch
+from kvmpy.vcpu.report import machine_report
 from kvmpy.vcpu.runner import StopKind, StopReason, VcpuThread, install_kick_signal
 from kvmpy.vmconfig import MachineConfig
 
@@ -51,6 +55,7 @@ PCI_CONFIG_PORT = 0xCF8
 PAGE_SIZE = mmap.PAGESIZE
 LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x7, 0x4
+REPORT_SIGNAL = signal.SIGUSR2  # `kill -USR2 <pid>`: write_report() to stderr
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Machine:
         self._end: MachineExit | None = None
         self._end_lock = threading.Lock()
         self._reset_requested = False
+        self._report_requested = False
         self.vm = None
         self.memory: GuestMemory | None = None
         self.loop: EventLoop | None = None
@@ -298,6 +304,7 @@ class Machine:
     def run(self) -> MachineExit:
         """Boot and run until the guest ends; reboots rebuild the machine unless --no-reboot."""
         install_kick_signal()
+        signal.signal(REPORT_SIGNAL, self._on_report_signal)
         self.serial = None
         self.serial_console.start(_LateTarget(lambda: self.serial),
                                   on_quit=lambda: self.finish(0, "quit from the console"))
@@ -316,6 +323,9 @@ class Machine:
                 t.start()
             log.info("boot %d: %d vCPU(s) running", self.boots, len(self.vcpu_threads))
             while not self._done.wait(0.2):
+                if self._report_requested:
+                    self._report_requested = False
+                    self.write_report(sys.stderr)
                 if deadline is not None and time.monotonic() > deadline:
                     self.finish(124, f"timed out after {self.config.timeout:g} s")
             self._teardown()
@@ -326,6 +336,24 @@ class Machine:
             self._done.clear()
             log.info("guest reset: rebuilding the machine")
         return self._end or MachineExit(4, "machine stopped for no recorded reason")
+
+    def _on_report_signal(self, signum: int, frame: object) -> None:
+        self._report_requested = True  # the main loop writes it: never pause vCPUs in a handler
+
+    def write_report(self, out: TextIO) -> None:
+        """What every vCPU and interrupt controller is doing, and each thread's Python stack:
+        for a guest that hangs without a word on its console (SIGUSR2 asks for it)."""
+        out.write(f"kvmpy: state report, boot {self.boots}: Python stacks as they were\n")
+        out.flush()
+        faulthandler.dump_traceback(file=out, all_threads=True)  # before pausing the vCPUs
+        fastpio = getattr(self, "_fastpio", None)
+        lines = ["kvmpy: vCPUs and interrupt controllers"]
+        lines += machine_report(self.vcpu_threads, self.vm,
+                                self.memory.read if self.memory is not None else None)
+        if fastpio is not None:
+            lines.append(f"exits answered in C so far: {fastpio.fast_exits}")
+        out.write("\n".join(lines) + "\n")
+        out.flush()
 
     def stats_report(self) -> str:
         """Exit counts per address, most frequent first (only with config.stats)."""

@@ -192,6 +192,10 @@ struct kvm_msrs { __u32 nmsrs; __u32 pad; struct kvm_msr_entry entries[]; };
 struct kvm_msr_list { __u32 nmsrs; __u32 indices[]; };
 struct kvm_lapic_state { char regs[...]; };
 struct kvm_mp_state { __u32 mp_state; };
+struct kvm_translation {
+    __u64 linear_address; __u64 physical_address;
+    __u8 valid; __u8 writeable; __u8 usermode; ...;
+};
 struct kvm_vcpu_events {
     struct { __u8 injected; __u8 nr; __u8 has_error_code; __u8 pending;
              __u32 error_code; } exception;

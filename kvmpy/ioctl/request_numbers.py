@@ -53,6 +53,7 @@ TABLE: dict[str, tuple[str, int, int, str | None]] = {
     "KVM_GET_REGS": ("IOR", KVMIO, 0x81, "struct kvm_regs"),
     "KVM_SET_REGS": ("IOW", KVMIO, 0x82, "struct kvm_regs"),
     "KVM_GET_SREGS": ("IOR", KVMIO, 0x83, "struct kvm_sregs"),
+    "KVM_TRANSLATE": ("IOWR", KVMIO, 0x85, "struct kvm_translation"),
     "KVM_SET_SREGS": ("IOW", KVMIO, 0x84, "struct kvm_sregs"),
     "KVM_GET_MSRS": ("IOWR", KVMIO, 0x88, "struct kvm_msrs"),
     "KVM_SET_MSRS": ("IOW", KVMIO, 0x89, "struct kvm_msrs"),

@@ -147,6 +147,14 @@ class Vcpu(FdObject):
     def set_sregs(self, sregs) -> None:
         self._call("KVM_SET_SREGS", nr.KVM_SET_SREGS, sregs)
 
+    def translate(self, linear_address: int) -> int | None:
+        """KVM_TRANSLATE: the guest-physical address of a guest-virtual one under the vCPU's
+        current paging mode, or None when it is not mapped."""
+        t = ffi.new("struct kvm_translation *")
+        t.linear_address = linear_address
+        self._call("KVM_TRANSLATE", nr.KVM_TRANSLATE, t)
+        return int(t.physical_address) if t.valid else None
+
     def get_fpu(self):
         return self._get("struct kvm_fpu *", "KVM_GET_FPU")
 

@@ -23,6 +23,8 @@ from kvmpy.hostinfo import host_kvm_kind  # noqa: F401  (re-exported for tests)
 COMMAND_LINE_MAX = 2048           # x86 COMMAND_LINE_SIZE
 DEFAULT_GUEST_APPEND = "console=ttyS0 panic=-1 reboot=t quiet"
 TIER2_DIR = "tests/tier2"
+REPORT_WAIT_S = 8.0               # for a timed-out kvmpy's SIGUSR2 report (L1 Python is slow)
+REPORT_LAST_LINE = b"exits answered in C so far"
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ def run_guest(argv: Sequence[str], timeout_s: float = 120.0, log_path: Path | No
                     test_rc = int(value) if value.isdigit() and len(value) <= 3 else None
                     rc_seen_at = time.monotonic() - start
             scanned = cut + 1
+        if timed_out and proc.poll() is None and _is_kvmpy(argv):
+            buf += _hang_report(proc, fd, sel)
     finally:
         sel.close()
         if proc.poll() is None:
@@ -169,6 +173,43 @@ def run_guest(argv: Sequence[str], timeout_s: float = 120.0, log_path: Path | No
         log_path.write_text("$ " + " ".join(argv) + "\n" + output)
     return GuestRun(list(argv), exit_status, output, time.monotonic() - start,
                     init_s, test_rc, timed_out)
+
+
+def _is_kvmpy(argv: Sequence[str]) -> bool:
+    return any(str(a) == "kvmpy" or str(a).endswith("/kvmpy") for a in argv[:3])
+
+
+def _hang_report(proc: subprocess.Popen, fd: int, sel: selectors.BaseSelector,
+                 wait_s: float = REPORT_WAIT_S) -> bytes:
+    """Before a timed-out kvmpy is killed: its SIGUSR2 state report (vCPU registers, irqchips,
+    Python stacks) and, from /proc, where each of its threads waits in the kernel."""
+    out = bytearray(b"\n--- timed out: kvmpy's state report (SIGUSR2) ---\n")
+    threads = []
+    for task in sorted(Path(f"/proc/{proc.pid}/task").glob("*")):
+        fields = []
+        for name in ("comm", "wchan", "stack"):
+            try:
+                fields.append((task / name).read_text().strip().replace("\n", " | "))
+            except OSError:
+                fields.append("?")
+        threads.append(f"task {task.name}: {' / '.join(fields)}")
+    try:
+        os.kill(proc.pid, signal.SIGUSR2)
+    except ProcessLookupError:
+        return bytes(out)
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        if not sel.select(timeout=0.5):
+            if REPORT_LAST_LINE in out:
+                break
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out += chunk
+    out += ("--- its threads in the host kernel (before the report) ---\n"
+            + "\n".join(threads) + "\n").encode()
+    return bytes(out)
 
 
 # --- the `make test-tier2` driver --------------------------------------------------------

@@ -25,7 +25,8 @@ OFFSETS = [("struct kvm_run", f) for f in ("immediate_exit", "exit_reason", "io"
     ("struct kvm_irq_routing_entry", "u"), ("struct kvm_irqchip", "chip"), ("struct kvm_msrs", "entries"),
     ("struct kvm_cpuid2", "entries"), ("struct kvm_clear_dirty_log", "dirty_bitmap"),
     ("struct kvm_dirty_log", "dirty_bitmap"), ("struct kvm_vcpu_events", "exception_payload"),
-    ("struct kvm_fpu", "mxcsr"), ("struct kvm_xcrs", "xcrs"), ("struct kvm_dirty_gfn", "offset")]
+    ("struct kvm_fpu", "mxcsr"), ("struct kvm_xcrs", "xcrs"), ("struct kvm_dirty_gfn", "offset"),
+    ("struct kvm_translation", "physical_address"), ("struct kvm_translation", "valid")]
 NESTED = [("struct kvm_run", "io", "data_offset"), ("struct kvm_run", "io", "port"),
           ("struct kvm_run", "mmio", "data"), ("struct kvm_run", "mmio", "len"),
           ("struct kvm_run", "mmio", "is_write"), ("struct kvm_run", "system_event", "data")]

@@ -106,6 +106,20 @@ def test_run_guest_times_out_and_stops_after_the_grace(tmp_path):
     assert run.test_rc == 0 and not run.timed_out and time.monotonic() - start < 10
 
 
+def test_a_timed_out_kvmpy_is_asked_for_its_state_report_before_the_kill(tmp_path):
+    fake = tmp_path / "kvmpy"  # stands in for `python -m kvmpy`: answers SIGUSR2 like Machine
+    fake.write_text("#!/bin/sh\ntrap 'echo vcpu0: halted rip=0x1234; echo exits answered in C so far: 9' USR2\n"
+                    "echo booting\nwhile :; do sleep 0.1; done\n")
+    fake.chmod(0o755)
+    run = tier2.run_guest([str(fake)], timeout_s=1.0)
+    assert run.timed_out and run.exit_status is None
+    report = run.output.split("--- timed out: kvmpy's state report (SIGUSR2) ---", 1)[1]
+    assert "vcpu0: halted rip=0x1234" in report and "exits answered in C so far: 9" in report
+    assert "--- its threads in the host kernel (before the report) ---\ntask " in report
+    plain = tier2.run_guest(["sh", "-c", "echo booting; sleep 300"], timeout_s=0.5)
+    assert "state report" not in plain.output  # only kvmpy gets the signal
+
+
 def test_run_guest_reports_a_missing_vmm():
     with pytest.raises(NestedError):
         tier2.run_guest(["/nonexistent/vmm"], timeout_s=1)

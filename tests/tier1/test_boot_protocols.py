@@ -121,3 +121,29 @@ def test_acpi_s5_powers_off_with_status_zero():
     assert r.stdout == b"ACPI S5\n" and r.returncode == 0, r.stderr
     r = boot("acpi_off.elf", "--no-acpi")  # no PM block: the write goes nowhere
     assert r.returncode == 255 and b"still running" in r.stdout
+
+
+def test_usr2_reports_the_vcpus_and_threads_and_the_guest_runs_on():
+    import os
+    import signal
+    import time
+    guest_binary("pio_loop")
+    cmd = [sys.executable, "-m", "kvmpy", "boot", "--kernel", str(GUEST_DIR / "out" / "smp_ap.elf"),
+           "-m", "64M", "--serial", "stdio", "--timeout", "5", "--log-level", "info"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    early = b""
+    while b"vCPU(s) running" not in early:  # the guest now polls for an AP that never comes
+        line = proc.stderr.readline()
+        assert line, early
+        early += line
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGUSR2)
+    out, err = proc.communicate(timeout=60)
+    text = (early + err).decode()
+    assert proc.returncode == 124, text  # it ran on to its --timeout after the report
+    assert "kvmpy: state report, boot 1" in text and "kvmpy: vCPUs and interrupt controllers" in text
+    m = re.search(r"vcpu0: runnable rip=(0x[0-9a-f]+) .* protected-mode", text)
+    assert m, text
+    assert re.search(r"code: gpa 0x[0-9a-f]+: ([0-9a-f]{2} ){15}[0-9a-f]{2}", text), text
+    assert "ioapic: " in text and "pic-master: irr=" in text
+    assert "Current thread" in text or "Thread 0x" in text  # faulthandler's stacks
