@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 MP_STATES = {0: "runnable", 1: "uninitialized", 2: "init-received", 3: "halted",
              4: "sipi-received", 5: "stopped", 6: "check-stop", 7: "operating", 8: "load"}
 CODE_BYTES = 16
+STACK_WORDS = 12
 IOAPIC_PINS = 24
 PAUSE_S = 2.0
 
@@ -52,6 +53,8 @@ def describe_vcpu(vcpu: VcpuLike, read_guest: ReadGuest) -> list[str]:
         f"efer={int(s.efer):#x} apic_base={int(s.apic_base):#x} idt={int(s.idt.base):#x}/{int(s.idt.limit):#x}",
         "  events: " + describe_events(ev),
         "  code: " + code_at(vcpu, rip, read_guest),
+        "  stack: " + stack_at(vcpu, int(r.rsp) + (0 if s.efer & 0x400 and s.cs.l else int(s.ss.base)),
+                               read_guest, 8 if s.efer & 0x400 and s.cs.l else 4),
     ]
     return lines
 
@@ -81,21 +84,37 @@ def describe_events(ev) -> str:
     return ", ".join(parts) or "none"
 
 
-def code_at(vcpu: VcpuLike, linear: int, read_guest: ReadGuest) -> str:
-    """The bytes at `linear` (guest-virtual), through the vCPU's page tables."""
+def _read_virtual(vcpu: VcpuLike, linear: int, length: int,
+                  read_guest: ReadGuest) -> tuple[int, bytes] | str:
+    """(gpa, bytes) at `linear` through the vCPU's page tables, cut at the page's end (the next
+    page may map elsewhere), or the reason there are none."""
     try:
         gpa = vcpu.translate(linear)
     except Exception as e:  # a vCPU in a mode KVM cannot translate: say so, keep the report
         return f"(cannot translate {linear:#x}: {e})"
     if gpa is None:
         return f"({linear:#x} is not mapped)"
-    # stay within the page: the next page may map elsewhere
-    length = min(CODE_BYTES, 0x1000 - (gpa & 0xFFF))
     try:
-        data = read_guest(gpa, length)
+        return gpa, bytes(read_guest(gpa, min(length, 0x1000 - (gpa & 0xFFF))))
     except Exception:
         return f"(gpa {gpa:#x} is outside guest RAM)"
-    return f"gpa {gpa:#x}: {bytes(data).hex(' ')}"
+
+
+def code_at(vcpu: VcpuLike, linear: int, read_guest: ReadGuest) -> str:
+    """The bytes at `linear` (guest-virtual)."""
+    got = _read_virtual(vcpu, linear, CODE_BYTES, read_guest)
+    if isinstance(got, str):
+        return got
+    return f"gpa {got[0]:#x}: {got[1].hex(' ')}"
+
+
+def stack_at(vcpu: VcpuLike, linear: int, read_guest: ReadGuest, word: int) -> str:
+    """The top STACK_WORDS words of the stack: return addresses to look up in System.map."""
+    got = _read_virtual(vcpu, linear, STACK_WORDS * word, read_guest)
+    if isinstance(got, str):
+        return got
+    data = got[1][:len(got[1]) // word * word]
+    return " ".join(f"{int.from_bytes(data[i:i + word], 'little'):#x}" for i in range(0, len(data), word))
 
 
 def describe_ioapic(ioapic) -> str:

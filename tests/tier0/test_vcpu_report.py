@@ -7,6 +7,7 @@ from kvmpy.vcpu import report
 
 RAM = bytearray(64 * 1024)
 RAM[0x1234:0x1238] = b"\xf3\x90\xeb\xfc"  # pause; jmp back
+RAM[0x9000:0x9010] = (0xFFFF_FFFF_8100_2000).to_bytes(8, "little") + (7).to_bytes(8, "little")
 
 
 class FakeVcpu:
@@ -63,7 +64,8 @@ def test_long_mode_vcpu_shows_registers_mode_and_code_at_rip():
     assert "long-mode" in text and "cpl=0" in text and "efer=0x500" in text
     assert "events: none" in text
     assert "code: gpa 0x1234: f3 90 eb fc 00" in text
-    assert v.translated == [0xFFFF_FFFF_8100_1234]
+    assert v.translated == [0xFFFF_FFFF_8100_1234, 0x9000]
+    assert "stack: 0xffffffff81002000 0x7 0x0 " in text
 
 
 def test_real_mode_rip_adds_the_cs_base_and_the_code_read_stays_in_its_page():
@@ -71,8 +73,8 @@ def test_real_mode_rip_adds_the_cs_base_and_the_code_read_stays_in_its_page():
     v.sregs.cs.base = 0xF000
     v.regs.rip = 0x0FF8
     assert "real-mode" in report.describe_vcpu(v, read_ram)[0]
-    assert v.translated == [0xFFF8]
-    assert report.describe_vcpu(v, read_ram)[-1].endswith("gpa 0xfff8: " + " ".join(["00"] * 8))  # the page ends
+    assert v.translated[0] == 0xFFF8
+    assert report.describe_vcpu(v, read_ram)[-2].endswith("gpa 0xfff8: " + " ".join(["00"] * 8))  # the page ends
 
 
 def test_unmapped_outside_ram_and_failing_translation_are_said_not_raised():
