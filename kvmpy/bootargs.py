@@ -32,6 +32,10 @@ def add_boot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-acpi", dest="acpi", action="store_false",
                    help="no ACPI tables or PM device: the guest uses the MP table, and its "
                         "poweroff halts the vCPUs instead of ending kvmpy")
+    p.add_argument("--tsc-deadline", action="store_true",
+                   help="advertise the LAPIC TSC-deadline timer (KVM emulates it) when KVM has "
+                        "KVM_CAP_TSC_DEADLINE_TIMER; off by default: under nested SVM on QEMU TCG, "
+                        "boots with it hung before init about once in 16")
     p.add_argument("--mem-backend", choices=["auto", "memfd", "anon"], default="auto",
                    help="guest RAM: memfd (shareable by fd) or anonymous memory; auto picks memfd "
                         "when the kernel gives shmem huge pages, else anon (huge pages matter a lot "

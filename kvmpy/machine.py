@@ -265,7 +265,7 @@ class Machine:
 
     def _create_vcpus(self, entry) -> None:
         cfg = self.config
-        tsc_deadline = bool(self.vm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER))
+        tsc_deadline = cfg.tsc_deadline and bool(self.vm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER))
         for i in range(cfg.smp):
             vcpu = self.vm.create_vcpu(i)
             entries = [ffi.new("struct kvm_cpuid_entry2 *", e.as_dict())

@@ -30,6 +30,7 @@ class MachineConfig:
     stats: bool = False
     mem_backend: str = "auto"
     acpi: bool = True
+    tsc_deadline: bool = False
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -50,6 +51,7 @@ class MachineConfig:
                   drives=[parse_drive_spec(d) for d in args.drive], rng=args.rng,
                   virtio_console=args.virtio_console, timeout=args.timeout, force=args.force,
                   stats=getattr(args, "stats", False),
-                  mem_backend=getattr(args, "mem_backend", "auto"), acpi=getattr(args, "acpi", True))
+                  mem_backend=getattr(args, "mem_backend", "auto"), acpi=getattr(args, "acpi", True),
+                  tsc_deadline=getattr(args, "tsc_deadline", False))
         cfg.validate()
         return cfg

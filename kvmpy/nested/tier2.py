@@ -73,7 +73,8 @@ def qemu_guest_argv(kernel: Path, initrd: Path, append: str = DEFAULT_GUEST_APPE
     """QEMU with KVM booting `kernel` (-kernel), serial on stdout, exit on reboot."""
     if machine not in ("pc", "q35", "microvm"):
         raise NestedError("building a QEMU command", detail=f"unknown machine {machine!r}")
-    argv = ["qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-M", machine,
+    # -tsc-deadline: the same guest-visible timer as kvmpy's default (see --tsc-deadline)
+    argv = ["qemu-system-x86_64", "-enable-kvm", "-cpu", "host,-tsc-deadline", "-M", machine,
             "-smp", str(cpus), "-m", f"{memory_mib}M", "-nodefaults", "-no-user-config",
             "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", append]

@@ -128,3 +128,15 @@ def test_tsc_deadline_follows_the_kvm_capability(host):
     with_bit = [dict(e, ecx=e.get("ecx", 0) | (1 << 24)) if e["function"] == 1 else e for e in entries]
     assert not leaf(guest_cpuid(with_bit, 0, 1, tsc_deadline=False), 1).ecx & (1 << 24)
     assert leaf(guest_cpuid(entries, 0, 1, tsc_deadline=True), 1).ecx & (1 << 31)  # other bits kept
+
+
+def test_tsc_deadline_is_opt_in_on_the_command_line(tmp_path):
+    """Off unless asked for: with it, boots under nested SVM on QEMU TCG hung now and then."""
+    from kvmpy.cli import build_parser
+    from kvmpy.vmconfig import MachineConfig
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"x")
+    parser = build_parser()
+    plain = MachineConfig.from_args(parser.parse_args(["boot", "--kernel", str(kernel)]))
+    asked = MachineConfig.from_args(parser.parse_args(["boot", "--kernel", str(kernel), "--tsc-deadline"]))
+    assert plain.tsc_deadline is False and asked.tsc_deadline is True

@@ -45,7 +45,8 @@ def test_smp_two_cpus_come_up(stock_bzimage, build_initramfs, run_guest):
     run = run_guest(kvmpy_argv(stock_bzimage, build_initramfs(), script, "--smp", "2"),
                     TIMEOUT_S, "kvmpy-smp2")
     assert "KVMPY-CPUS 2 online=0-1" in run.output
-    assert "KVMPY-TSC-DEADLINE" in run.output  # KVM_CAP_TSC_DEADLINE_TIMER is advertised in CPUID
+    # TSC-deadline is opt-in (--tsc-deadline): with it, 3 of 48 boots here hung before init
+    assert "KVMPY-TSC-DEADLINE" not in run.output
     assert run.exit_status == 0
 
 
