@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGUSR2 asks for a state report; until a machine runs (it then reports vCPUs too), the
     # Python stacks: a start-up that hangs is diagnosable, and the signal never kills kvmpy.
-    if hasattr(signal, "SIGUSR2"):
-        faulthandler.register(signal.SIGUSR2, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):
+        pass  # no real stderr (embedded use): then no early dump, and nothing else changes
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "boot_log_level", None):   # `kvmpy boot --log-level X`, as in the CLI

@@ -7,7 +7,6 @@ made here (kvmpy.interrupts). A reboot rebuilds everything but the consoles (QEM
 """
 from __future__ import annotations
 
-import faulthandler
 import logging
 import mmap
 import signal
@@ -39,7 +38,7 @@ from kvmpy.ioctl import Kvm
 from kvmpy.ioctl._kvm import ffi, lib
 from kvmpy.memslots import GuestMemory
 from kvmpy.panicwatch import PanicWatch
-from kvmpy.vcpu.report import machine_report
+from kvmpy.vcpu.report import machine_report, python_stacks
 from kvmpy.vcpu.runner import StopKind, StopReason, VcpuThread, install_kick_signal
 from kvmpy.vmconfig import MachineConfig
 
@@ -343,9 +342,9 @@ class Machine:
     def write_report(self, out: TextIO) -> None:
         """What every vCPU and interrupt controller is doing, and each thread's Python stack:
         for a guest that hangs without a word on its console (SIGUSR2 asks for it)."""
-        out.write(f"kvmpy: state report, boot {self.boots}: Python stacks as they were\n")
+        out.write(f"kvmpy: state report, boot {self.boots}: Python stacks as they were\n"
+                  + python_stacks())  # before pausing the vCPUs
         out.flush()
-        faulthandler.dump_traceback(file=out, all_threads=True)  # before pausing the vCPUs
         fastpio = getattr(self, "_fastpio", None)
         lines = ["kvmpy: vCPUs and interrupt controllers"]
         lines += machine_report(self.vcpu_threads, self.vm,

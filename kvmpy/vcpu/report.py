@@ -7,6 +7,9 @@ Pure formatting over ioctl results, so the text is tested without /dev/kvm.
 """
 from __future__ import annotations
 
+import sys
+import threading
+import traceback
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from kvmpy.errors import KvmpyError
@@ -169,3 +172,14 @@ def machine_report(threads: "list[VcpuThread]", vm, read_guest: ReadGuest | None
 
 def _no_ram(gpa: int, length: int) -> bytes:
     raise KvmpyError("reading guest memory", detail="no guest RAM")
+
+
+def python_stacks() -> str:
+    """Every thread's Python stack, by thread name (works on any text stream, unlike
+    faulthandler, which needs a real file descriptor)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        parts.append(f"Thread {names.get(ident, hex(ident))} (most recent call last):\n"
+                     + "".join(traceback.format_stack(frame)))
+    return "".join(parts)

@@ -121,9 +121,29 @@ def test_pic_line():
 def test_the_cli_turns_sigusr2_into_a_stack_dump_before_anything_else(monkeypatch, capsys):
     import faulthandler
     import signal
+    import sys
 
     from kvmpy import cli
     seen = []
     monkeypatch.setattr(faulthandler, "register", lambda signum, **kw: seen.append((signum, kw)))
     assert cli.main(["info", "--device", "/nonexistent/kvm"]) == 1
-    assert seen == [(signal.SIGUSR2, {"all_threads": True})]
+    assert seen == [(signal.SIGUSR2, {"file": sys.__stderr__, "all_threads": True})]
+
+
+def test_python_stacks_names_every_thread():
+    import threading
+    ready, release = threading.Event(), threading.Event()
+
+    def parked_worker():
+        ready.set()
+        release.wait(10)
+    t = threading.Thread(target=parked_worker, name="vcpu7")
+    t.start()
+    ready.wait(10)
+    try:
+        text = report.python_stacks()
+    finally:
+        release.set()
+        t.join()
+    assert "Thread vcpu7 (most recent call last):" in text and "in parked_worker" in text
+    assert "Thread MainThread" in text and "test_python_stacks_names_every_thread" in text

@@ -146,4 +146,5 @@ def test_usr2_reports_the_vcpus_and_threads_and_the_guest_runs_on():
     assert m, text
     assert re.search(r"code: gpa 0x[0-9a-f]+: ([0-9a-f]{2} ){15}[0-9a-f]{2}", text), text
     assert "ioapic: " in text and "pic-master: irr=" in text
-    assert "Current thread" in text or "Thread 0x" in text  # faulthandler's stacks
+    assert "Thread MainThread (most recent call last):" in text and "in write_report" in text
+    assert re.search(r"Thread vcpu0 \(most recent call last\):.*in _loop", text, re.S), text
