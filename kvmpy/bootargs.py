@@ -36,10 +36,6 @@ def add_boot_arguments(p: argparse.ArgumentParser) -> None:
                    help="advertise the LAPIC TSC-deadline timer (KVM emulates it) when KVM has "
                         "KVM_CAP_TSC_DEADLINE_TIMER; off by default: under nested SVM on QEMU TCG, "
                         "boots with it hung before init about once in 16")
-    p.add_argument("--coalesce-pci-latch", action="store_true",
-                   help="let guest writes of the 0xCF8 PCI address latch skip the exit (KVM's "
-                        "coalesced PIO ring; half the exits of a config access); off by default: "
-                        "nested on QEMU TCG, tier 2 hung with it on, cause not yet pinned down")
     p.add_argument("--mem-backend", choices=["auto", "memfd", "anon"], default="auto",
                    help="guest RAM: memfd (shareable by fd) or anonymous memory; auto picks memfd "
                         "when the kernel gives shmem huge pages, else anon (huge pages matter a lot "

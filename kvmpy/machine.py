@@ -169,7 +169,7 @@ class Machine:
         if cfg.acpi:
             self._add_acpi(mem, pci_irqs)
         self._create_vcpus(entry)
-        if cfg.coalesce_pci_latch and not cfg.stats:
+        if not cfg.stats:
             self._coalesce_pci_latch()
         self.loop.call_later(0.5, self._poll_rtc)
 

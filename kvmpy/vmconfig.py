@@ -31,7 +31,6 @@ class MachineConfig:
     mem_backend: str = "auto"
     acpi: bool = True
     tsc_deadline: bool = False
-    coalesce_pci_latch: bool = False
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -53,7 +52,6 @@ class MachineConfig:
                   virtio_console=args.virtio_console, timeout=args.timeout, force=args.force,
                   stats=getattr(args, "stats", False),
                   mem_backend=getattr(args, "mem_backend", "auto"), acpi=getattr(args, "acpi", True),
-                  tsc_deadline=getattr(args, "tsc_deadline", False),
-                  coalesce_pci_latch=getattr(args, "coalesce_pci_latch", False))
+                  tsc_deadline=getattr(args, "tsc_deadline", False))
         cfg.validate()
         return cfg

@@ -140,6 +140,3 @@ def test_tsc_deadline_is_opt_in_on_the_command_line(tmp_path):
     plain = MachineConfig.from_args(parser.parse_args(["boot", "--kernel", str(kernel)]))
     asked = MachineConfig.from_args(parser.parse_args(["boot", "--kernel", str(kernel), "--tsc-deadline"]))
     assert plain.tsc_deadline is False and asked.tsc_deadline is True
-    assert plain.coalesce_pci_latch is False
-    assert MachineConfig.from_args(parser.parse_args(
-        ["boot", "--kernel", str(kernel), "--coalesce-pci-latch"])).coalesce_pci_latch is True

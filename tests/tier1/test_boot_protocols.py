@@ -72,19 +72,11 @@ def test_second_vcpu_starts_on_init_sipi():
     assert r.returncode == 39
 
 
-def test_pci_latch_writes_exit_unless_coalescing_is_asked_for():
-    r = boot("pci_probe.elf", "--log-level", "info")
-    assert r.stdout == b"PCI probe ok\n" and r.returncode == 41, r.stderr
-    m = re.search(rb"(\d+) exits answered in C, (\d+) 0xCF8 writes taken from the coalesced ring", r.stderr)
-    assert m and int(m[2]) == 0 and int(m[1]) >= 512, r.stderr  # latch writes and absent reads
-
-
 @pytest.mark.parametrize("mode", ["fast-path", "python-only"])
 def test_pci_probe_answers_match_with_and_without_the_c_fast_path(mode):
     """Absent-function probes are answered in C (kvmpy_run_fast); --stats turns that off so
     every exit reaches Python. The guest checks the answers either way."""
-    r = boot("pci_probe.elf", *(["--stats"] if mode == "python-only"
-                                else ["--log-level", "info", "--coalesce-pci-latch"]))
+    r = boot("pci_probe.elf", *(["--stats"] if mode == "python-only" else ["--log-level", "info"]))
     assert r.stdout == b"PCI probe ok\n", r.stderr
     assert r.returncode == 41
     if mode == "python-only":
