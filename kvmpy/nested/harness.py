@@ -144,6 +144,11 @@ class L1Harness:
             fsdev = f"local,id={tag},path={path},security_model=none,multidevs=remap"
             argv += ["-fsdev", fsdev + (",readonly=on" if readonly else ""),
                      "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
+        monitor = os.environ.get("KVMPY_L1_MONITOR")
+        if monitor and not (interactive and mux):
+            # QEMU's HMP monitor of L1 on a Unix socket: `info registers -a` shows where an L1
+            # that stopped making progress spins (symbolize with the kernel's System.map)
+            argv += ["-monitor", f"unix:{monitor},server=on,wait=off"]
         if self.config.disk is not None:
             drive = f"file={_check_share_path(Path(self.config.disk))},format=raw,if=none,id=l1disk"
             argv += ["-drive", drive + ",snapshot=on",

@@ -160,3 +160,17 @@ def test_tier2_mode(monkeypatch):
 def test_cli_run_without_a_command_is_a_usage_error(capsys):
     assert cli.main_argv(["run", "--"]) == 2
     assert "give a command" in capsys.readouterr().err
+
+
+def test_l1_monitor_socket_only_when_asked_for(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    h = fake_harness()
+    h.kernel = SimpleNamespace(vmlinux=tmp_path / "vmlinux")
+    h.initrd = tmp_path / "l1.cpio.gz"
+    monkeypatch.setattr("kvmpy.nested.harness.cache_root", lambda: tmp_path)
+    monkeypatch.setattr("kvmpy.nested.harness._check_share_path", lambda p: str(p))
+    monkeypatch.delenv("KVMPY_L1_MONITOR", raising=False)
+    assert "-monitor" not in h._qemu_argv(tmp_path, "run", interactive=False)
+    monkeypatch.setenv("KVMPY_L1_MONITOR", str(tmp_path / "mon.sock"))
+    argv = h._qemu_argv(tmp_path, "run", interactive=False)
+    assert argv[argv.index("-monitor") + 1] == f"unix:{tmp_path / 'mon.sock'},server=on,wait=off"
