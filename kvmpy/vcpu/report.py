@@ -45,7 +45,10 @@ def describe_vcpu(vcpu: VcpuLike, read_guest: ReadGuest) -> list[str]:
     s = vcpu.get_sregs()
     mp = vcpu.get_mp_state().mp_state
     ev = vcpu.get_vcpu_events()
-    rip = int(r.rip) + (0 if s.efer & 0x400 and s.cs.l else int(s.cs.base))
+    flat64 = bool(s.efer & 0x400 and s.cs.l)  # 64-bit code: segment bases are ignored
+    rip = int(r.rip) + (0 if flat64 else int(s.cs.base))
+    rsp = int(r.rsp) + (0 if flat64 else int(s.ss.base))
+    word = 8 if flat64 else (4 if s.cs.db else 2)
     lines = [
         f"vcpu{vcpu.id}: {MP_STATES.get(mp, f'mp_state {mp}')} rip={int(r.rip):#018x} "
         f"rsp={int(r.rsp):#018x} rflags={int(r.rflags):#x} cs={int(s.cs.selector):#06x} "
@@ -56,8 +59,7 @@ def describe_vcpu(vcpu: VcpuLike, read_guest: ReadGuest) -> list[str]:
         f"efer={int(s.efer):#x} apic_base={int(s.apic_base):#x} idt={int(s.idt.base):#x}/{int(s.idt.limit):#x}",
         "  events: " + describe_events(ev),
         "  code: " + code_at(vcpu, rip, read_guest),
-        "  stack: " + stack_at(vcpu, int(r.rsp) + (0 if s.efer & 0x400 and s.cs.l else int(s.ss.base)),
-                               read_guest, 8 if s.efer & 0x400 and s.cs.l else 4),
+        "  stack: " + stack_at(vcpu, rsp, read_guest, word),
     ]
     return lines
 
