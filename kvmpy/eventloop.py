@@ -17,6 +17,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from kvmpy import sandbox
 from kvmpy.errors import KvmpyError
 
 from kvmpy.ratelimit import RateLimitedLog
@@ -41,6 +42,9 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._errlog = RateLimitedLog(log)
         self.callback_errors = 0
+        self._hold = threading.Lock()
+        self._held: threading.Event | None = None   # set by release(); see quiesce()
+        self.sandbox = sandbox.inherited()   # the building thread's machine policy (kvmpy.sandbox)
 
     # -- registration -------------------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callable[[], Any]) -> None:
@@ -97,6 +101,7 @@ class EventLoop:
     def stop(self, timeout: float | None = 5.0) -> None:
         """Ask the loop to finish and wait for its thread (unless called from it)."""
         self._stopping = True
+        self.release()
         self._wake()
         t = self._thread
         if t is not None and t is not threading.current_thread():
@@ -109,12 +114,48 @@ class EventLoop:
             os.close(self._wake_fd)
             self._wake_fd = -1
 
+    def quiesce(self, timeout: float | None = 5.0) -> bool:
+        """Hold the loop thread between two callbacks until `release()`: no virtqueue request is
+        half done and no device timer fires while the machine's state is taken. Returns True
+        once the loop is held (or is not running at all); False if it did not get there in time.
+        Notifies, timers and posted callbacks that arrive meanwhile wait and run after release.
+        Called on the loop thread itself, it returns True at once: nothing else can run."""
+        if not self.running or threading.current_thread() is self._thread:
+            return True
+        with self._hold:
+            if self._held is not None:
+                return True
+            entered, release = threading.Event(), threading.Event()
+            self._held = release
+
+        def hold() -> None:
+            entered.set()
+            release.wait()
+        self.call_soon_threadsafe(hold)
+        if entered.wait(timeout):
+            return True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        """Let a quiesced loop carry on."""
+        with self._hold:
+            release, self._held = self._held, None
+        if release is not None:
+            release.set()
+
+    @property
+    def quiesced(self) -> bool:
+        return self._held is not None
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
         """The loop body; `start()` runs it on a thread, tests may call it directly."""
+        if threading.current_thread() is self._thread:
+            sandbox.enter("io", self.sandbox)
         poll, callbacks, wake_fd = self._epoll.poll, self._callbacks, self._wake_fd
         while not self._stopping:
             for fd, _ in poll(self._next_timeout()):

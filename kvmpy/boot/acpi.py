@@ -163,9 +163,10 @@ def build_facs() -> bytes:
 
 def build_fadt(pm: AcpiPmPorts, dsdt: int, facs: int, sci_irq: int = SCI_IRQ) -> bytes:
     """A classic FADT: PM1a_EVT/PM1a_CNT/PM_TMR in I/O space, RESET_REG, no SMI (always in ACPI
-    mode), no GPE blocks, C2/C3 off, i8042 and legacy devices present."""
-    flags = (FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_FIX_RTC
-             | FADT_RESET_REG_SUP)
+    mode), no GPE blocks, C2/C3 off, i8042 and legacy devices present, and the fixed-feature
+    power button (PWR_BUTTON clear: PM1 PWRBTN_STS/EN, so QMP system_powerdown reaches the guest;
+    no sleep button)."""
+    flags = (FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_FIX_RTC | FADT_RESET_REG_SUP)
     body = bytearray(FADT_SIZE - HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values: object) -> None:

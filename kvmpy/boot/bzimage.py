@@ -132,6 +132,9 @@ def parse_setup_header(image: ImageBytes) -> SetupHeader:
     if hdr.syssize * 16 > payload + 15:     # syssize counts 16-byte paragraphs, rounded up
         raise image.error(f"file is truncated: the header promises {hdr.syssize * 16} bytes of "
                           f"protected-mode kernel, the file has {payload}")
+    if hdr.has_64bit_entry and payload <= ENTRY_64_OFFSET:   # the vCPU would start past the kernel
+        raise image.error(f"the 64-bit entry at +{ENTRY_64_OFFSET:#x} lies past the end of the "
+                          f"{payload}-byte protected-mode kernel")
     return hdr
 
 

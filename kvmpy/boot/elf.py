@@ -105,15 +105,19 @@ def notes(image: ImageBytes, elf: ElfImage) -> list[Note]:
     return found
 
 
-def load_segments(mem: GuestMemory, image: ImageBytes, elf: ElfImage) -> tuple[list[BootRegion], int]:
-    """Copy each PT_LOAD to its physical address and zero its bss; (regions, highest end)."""
+def load_segments(mem: GuestMemory, image: ImageBytes, elf: ElfImage,
+                  low_window: tuple[int, int] | None = None) -> tuple[list[BootRegion], int]:
+    """Copy each PT_LOAD to its physical address and zero its bss; (regions, highest end).
+    Below 1 MiB only inside `low_window` (multiboot: its loader moves its tables out of the way)."""
     loads = elf.loads
     if not loads:
         raise image.error("ELF file has no loadable segments")
     regions, top = [], 0
     for seg in loads:
-        if seg.paddr < HIMEM_START:
-            raise image.error(f"segment at {seg.paddr:#x} overlaps the loader's tables below 1 MiB")
+        if seg.paddr < HIMEM_START and not (low_window is not None and
+                                            low_window[0] <= seg.paddr <= seg.paddr + seg.memsz <= low_window[1]):
+            where = "" if low_window is None else f" (outside [{low_window[0]:#x}, {low_window[1]:#x}))"
+            raise image.error(f"segment at {seg.paddr:#x} overlaps the loader's tables below 1 MiB{where}")
         check_fits(mem, image.path, f"segment at {seg.paddr:#x}", seg.paddr, seg.memsz)
     for seg in loads:
         mem.write(seg.paddr, image.slice(seg.offset, seg.filesz, "segment"))

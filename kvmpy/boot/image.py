@@ -76,6 +76,23 @@ class LoadedInitrd:
         return BootRegion("initrd", self.gpa, self.size)
 
 
+def initrd_modules(text: str) -> list[tuple[str, str]]:
+    """`--initrd` -> [(path, module string)]. One existing file is taken whole (its name may hold
+    commas or spaces); otherwise, as QEMU's multiboot -initrd, "a,b args" is several modules, each
+    a path and optional arguments after a space, with ",," for a literal comma. The module string
+    is the file's base name and its arguments."""
+    if os.path.exists(text):
+        return [(text, os.path.basename(text))]
+    from kvmpy.options import split_options
+    modules = []
+    for part in split_options(text):
+        path, _, args = part.partition(" ")
+        if not path:
+            raise BootError(f"reading initrd {text!r}", detail="an empty module name (a stray comma?)")
+        modules.append((path, os.path.basename(path) + (f" {args}" if args else "")))
+    return modules
+
+
 def initrd_size(path: str) -> int:
     try:
         return os.stat(path).st_size
@@ -98,6 +115,8 @@ def load_initrd(mem: GuestMemory, path: str, floor: int, ceiling: int) -> Loaded
     kernel's address limit and the end of RAM below 4 GiB.
     """
     size = initrd_size(path)
+    if size == 0:
+        raise BootError(f"loading initrd {path}", detail="it is empty (0 bytes)")
     addr = highest_fit(size, floor, ceiling)
     if addr is None:
         raise BootError(f"loading initrd {path}",

@@ -69,8 +69,10 @@ def check_fits(mem: GuestMemory, path: str, what: str, gpa: int, size: int) -> N
                                f"guest RAM ({mem.size // MiB} MiB); give the guest more memory")
 
 
-def write_cmdline(mem: GuestMemory, path: str, cmdline: str, limit: int = CMDLINE_MAX - 1) -> int:
-    """Write the NUL-terminated command line at CMDLINE_ADDR; returns its length without NUL."""
+def write_cmdline(mem: GuestMemory, path: str, cmdline: str, limit: int = CMDLINE_MAX - 1,
+                  addr: int = CMDLINE_ADDR) -> int:
+    """Write the NUL-terminated command line at `addr` (CMDLINE_ADDR unless a multiboot kernel
+    took that spot); returns its length without NUL."""
     try:
         data = cmdline.encode("ascii")
     except UnicodeEncodeError:
@@ -81,6 +83,6 @@ def write_cmdline(mem: GuestMemory, path: str, cmdline: str, limit: int = CMDLIN
     if len(data) > limit:
         raise BootError(f"loading {path}",
                         detail=f"command line is {len(data)} bytes, the kernel accepts at most {limit}")
-    check_fits(mem, path, "the command line", CMDLINE_ADDR, len(data) + 1)
-    mem.write(CMDLINE_ADDR, data + b"\0")
+    check_fits(mem, path, "the command line", addr, len(data) + 1)
+    mem.write(addr, data + b"\0")
     return len(data)

@@ -10,7 +10,7 @@ import logging
 from kvmpy.errors import BootError, GuestMemoryError
 from kvmpy.boot.bzimage import is_bzimage, load_bzimage
 from kvmpy.boot.entry import BootEntry
-from kvmpy.boot.image import ImageBytes, initrd_size, read_kernel
+from kvmpy.boot.image import ImageBytes, initrd_modules, initrd_size, read_kernel
 from kvmpy.memslots import GuestMemory
 # The ELF, PVH and multiboot loaders are imported when a kernel needs them: start-up time counts
 # (the nested harness runs Python ~30x slower) and most boots are bzImages.
@@ -42,11 +42,15 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: str,
     Returns the BootEntry the boot vCPU must start with. Raises BootError, naming the file and
     the reason, for anything wrong with the inputs.
     """
-    if initrd_path is not None:
-        initrd_size(initrd_path)          # fail on a missing initrd before loading anything
+    modules = initrd_modules(initrd_path) if initrd_path is not None else []
+    for path, _ in modules:
+        initrd_size(path)                 # fail on a missing initrd before loading anything
     image = read_kernel(kernel_path)
     fmt = detect_format(image)
     log.info("kernel %s is a %s", kernel_path, fmt)
+    if fmt != "multiboot" and (len(modules) > 1 or (modules and modules[0][0] != initrd_path)):
+        raise BootError(f"loading {kernel_path}", detail=f"--initrd {initrd_path!r} names several modules "
+                                                         "(or arguments): only multiboot kernels take those")
     try:
         if fmt == "bzimage":
             return load_bzimage(mem, image, cmdline, initrd_path)
@@ -60,6 +64,6 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: str,
         from kvmpy.boot.multiboot import find_header, load_multiboot
         header = find_header(image.data)
         assert header is not None
-        return load_multiboot(mem, image, header, cmdline, initrd_path)
+        return load_multiboot(mem, image, header, cmdline, modules)
     except GuestMemoryError as e:
         raise BootError(f"loading {kernel_path}", detail=f"does not fit guest RAM: {e}") from None

@@ -107,6 +107,9 @@ typedef unsigned long long __u64;
 #define KVM_CAP_INTERNAL_ERROR_DATA ...
 #define KVM_CAP_SYSTEM_EVENT_DATA ...
 #define KVM_CAP_KVMCLOCK_CTRL ...
+#define KVM_CAP_NESTED_STATE ...
+#define KVM_CAP_ADJUST_CLOCK ...
+#define KVM_CLOCK_TSC_STABLE ...
 
 /* ---- VM-level structs ---- */
 struct kvm_userspace_memory_region {
@@ -185,6 +188,8 @@ struct kvm_fpu {
     __u32 mxcsr; __u32 pad2;
 };
 struct kvm_xsave { __u32 region[1024]; __u32 extra[]; };
+/* KVM_GET/SET_NESTED_STATE: a 128-byte header, then format-specific data up to `size` */
+struct kvm_nested_state { __u16 flags; __u16 format; __u32 size; ...; };
 struct kvm_xcr { __u32 xcr; __u32 reserved; __u64 value; };
 struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[...]; ...; };
 struct kvm_msr_entry { __u32 index; __u32 reserved; __u64 data; };
@@ -401,10 +406,22 @@ with open(os.path.join(_HERE, "vqfast.h")) as _f:
 CDEF += "struct iovec { void *iov_base; size_t iov_len; ...; };\n" + _VQFAST_H + r"""
 int kvmpy_vq_pop(struct kvmpy_vq *q, struct kvmpy_chain *c);
 int kvmpy_blk_run(struct kvmpy_vq *q, struct kvmpy_blk *b, struct kvmpy_chain *c);
+uint64_t kvmpy_dirty_take(uint8_t *map, uint8_t *out, uint64_t n);
 """
 with open(os.path.join(_HERE, "vqfast.c")) as _f:
     # vqfast.c's #include "vqfast.h" would need an include path in every build: inline it.
     SOURCE += "\n" + _f.read().replace('#include "vqfast.h"', _VQFAST_H)
+
+# ---- the virtio-net data path in C (netfast.c, after vqfast.c: it reuses kvmpy_vq_pop/push;
+# see kvmpy/devices/virtio/netpath.py) ----
+with open(os.path.join(_HERE, "netfast.h")) as _f:
+    _NETFAST_H = _f.read()
+CDEF += _NETFAST_H + r"""
+int kvmpy_net_rx(struct kvmpy_vq *q, struct kvmpy_net *n, struct kvmpy_chain *c);
+int kvmpy_net_tx(struct kvmpy_vq *q, struct kvmpy_net *n, struct kvmpy_chain *c);
+"""
+with open(os.path.join(_HERE, "netfast.c")) as _f:
+    SOURCE += "\n" + _f.read().replace('#include "netfast.h"', _NETFAST_H)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

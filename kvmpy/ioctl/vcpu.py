@@ -245,6 +245,25 @@ class Vcpu(FdObject):
                 cpuid.entries[i] = entry[0] if ffi.typeof(entry).kind == "pointer" else entry
         self._call("KVM_SET_CPUID2", nr.KVM_SET_CPUID2, cpuid)
 
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell the guest (through its kvmclock page) that the host stopped it,
+        so its soft-lockup watchdog does not fire after a pause. EINVAL when the guest has not
+        set up kvmclock; callers decide whether that matters."""
+        self._call_int("KVM_KVMCLOCK_CTRL", nr.KVM_KVMCLOCK_CTRL)
+
+    def get_nested_state(self, max_size: int) -> bytes:
+        """The vCPU's nested-virtualization state (header + format data), `max_size` from
+        KVM_CAP_NESTED_STATE; only the `size` bytes KVM reports are returned."""
+        buf = ffi.new("char[]", max_size)
+        state = ffi.cast("struct kvm_nested_state *", buf)
+        state.size = max_size
+        self._call("KVM_GET_NESTED_STATE", nr.KVM_GET_NESTED_STATE, state)
+        return bytes(ffi.buffer(buf, min(state.size, max_size)))
+
+    def set_nested_state(self, data: bytes) -> None:
+        buf = ffi.new("char[]", data)
+        self._call("KVM_SET_NESTED_STATE", nr.KVM_SET_NESTED_STATE, ffi.cast("struct kvm_nested_state *", buf))
+
     def get_tsc_khz(self) -> int:
         return self._call_int("KVM_GET_TSC_KHZ", nr.KVM_GET_TSC_KHZ)
 

@@ -66,6 +66,26 @@ static inline uint8_t *kvmpy_vq_hva(const struct kvmpy_vq *q, uint64_t gpa, uint
     return NULL;
 }
 
+/* Set the userspace dirty-map byte of every page of [gpa, gpa+len) (after the device wrote it):
+   plain byte stores of 1, never read-modify-write, so Python's marks and clears (which hold the
+   GIL, while this runs without it) lose nothing. See kvmpy.memslots.memory. */
+static void kvmpy_vq_mark(const struct kvmpy_vq *q, uint64_t gpa, uint64_t len)
+{
+    if (len == 0)
+        return;
+    for (uint32_t i = 0; i < q->nram; i++) {
+        const struct kvmpy_ram *r = &q->ram[i];
+        if (r->dirty != NULL && gpa >= r->gpa && gpa - r->gpa < r->size) {
+            uint64_t first = (gpa - r->gpa) >> 12;
+            uint64_t end = gpa - r->gpa + len;
+            uint64_t last = ((end < r->size ? end : r->size) + 4095) >> 12;
+            for (uint64_t p = first; p < last; p++)
+                ((volatile uint8_t *)r->dirty)[p] = 1;
+            return;
+        }
+    }
+}
+
 static int kvmpy_vq_walk(struct kvmpy_vq *q, uint32_t head, struct kvmpy_chain *c)
 {
     uint32_t size = q->size;
@@ -228,6 +248,45 @@ static int kvmpy_blk_transfer(struct kvmpy_blk *b, const uint64_t *gpa, const ui
     return KVMPY_BLK_S_OK;
 }
 
+/* Mark the image's blocks that [offset, offset+len) touched (after the write, whatever its
+   status: a failed write may have written part). Plain byte stores of 1, as kvmpy_vq_mark:
+   kvmpy_dirty_take exchanges whole words atomically, so no mark is ever lost. */
+static void kvmpy_blk_mark(const struct kvmpy_blk *b, uint64_t offset, uint64_t len)
+{
+    uint8_t *map = b->dirty;
+    if (map == NULL || len == 0)
+        return;
+    uint64_t first = offset >> b->block_shift;
+    uint64_t last = (offset + len - 1) >> b->block_shift;
+    for (uint64_t i = first; i <= last && i < b->dirty_blocks; i++)
+        ((volatile uint8_t *)map)[i] = 1;
+}
+
+/* Block migration's read-and-clear of a dirty map (a byte per block): copy map[0..n) into out
+   and zero it, eight bytes at a time with an atomic exchange, so a mark set concurrently (the
+   C data path runs without the GIL) lands either in this take or in the map for the next one.
+   Returns how many bytes were set. */
+uint64_t kvmpy_dirty_take(uint8_t *map, uint8_t *out, uint64_t n)
+{
+    uint64_t count = 0, i = 0;
+    for (; i < n && ((uintptr_t)(map + i) & 7); i++) {
+        out[i] = __atomic_exchange_n(map + i, 0, __ATOMIC_SEQ_CST);
+        count += out[i] != 0;
+    }
+    for (; i + 8 <= n; i += 8) {
+        uint64_t *word = (uint64_t *)(map + i);
+        uint64_t v = __atomic_load_n(word, __ATOMIC_RELAXED) ? __atomic_exchange_n(word, 0, __ATOMIC_SEQ_CST) : 0;
+        memcpy(out + i, &v, 8);
+        for (int k = 0; v && k < 8; k++, v >>= 8)
+            count += (v & 0xff) != 0;
+    }
+    for (; i < n; i++) {
+        out[i] = __atomic_exchange_n(map + i, 0, __ATOMIC_SEQ_CST);
+        count += out[i] != 0;
+    }
+    return count;
+}
+
 /* VirtioBlk.process_queue for plain reads and writes: pop, check, transfer, status byte, used
    element, used index, until the ring is empty (EMPTY), a popped chain needs Python (CHAIN, left
    in *c, not pushed), a finished request has something to log (NOTE), or the ring is broken. */
@@ -265,9 +324,13 @@ static int kvmpy_blk_run(struct kvmpy_vq *q, struct kvmpy_blk *b, struct kvmpy_c
         if (nbytes)
             status = kvmpy_blk_transfer(b, c->gpa + first, c->len + first, c->iov + first, count,
                                         sector * KVMPY_BLK_SECTOR, write);
+        if (write)
+            kvmpy_blk_mark(b, sector * KVMPY_BLK_SECTOR, nbytes);
         *(volatile uint8_t *)c->iov[n - 1].iov_base = (uint8_t)status;
         uint64_t written = (!write && status == KVMPY_BLK_S_OK) ? nbytes : 0;
         kvmpy_vq_push(q, c->head, written + 1, c->writable_len);
+        for (uint32_t i = nread; i < n; i++)    /* what this request wrote into the guest */
+            kvmpy_vq_mark(q, c->gpa[i], c->len[i]);
         b->pushed++;
         b->completed++;
         if (b->io_errno || b->direct_errno)

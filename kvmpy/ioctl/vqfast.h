@@ -7,7 +7,8 @@
 #define KVMPY_VQ_NOTE 2         /* blk_run: a request finished with something for Python to log */
 #define KVMPY_VQ_ERROR -1       /* the ring is broken: kvmpy_vq.msg says why */
 
-struct kvmpy_ram { uint64_t gpa; uint64_t size; uint8_t *hva; };
+/* dirty: GuestMemory's userspace dirty map for the range (a byte per page), or NULL */
+struct kvmpy_ram { uint64_t gpa; uint64_t size; uint8_t *hva; uint8_t *dirty; };
 
 struct kvmpy_vq {
     uint8_t *desc, *avail, *used;
@@ -32,4 +33,9 @@ struct kvmpy_blk {
     uint64_t capacity;
     int direct_errno, io_errno, io_short, io_write;
     uint64_t pushed, completed, direct_reqs;
+    /* block migration: a byte per 1 << block_shift bytes of the image, set to 1 after every
+       write C makes (kvmpy.devices.virtio.blkdirty); NULL while nobody tracks */
+    uint8_t *dirty;
+    uint64_t dirty_blocks;
+    uint32_t block_shift;
 };

@@ -1,7 +1,8 @@
 """Dirty-page bookkeeping: KVM's per-slot bitmaps (little-endian u64 words) as page numbers."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from kvmpy.memslots.layout import PAGE_SIZE
 
@@ -31,3 +32,192 @@ def pages_to_bitmap(pages: "np.ndarray | list[int]", npages: int) -> "np.ndarray
 
 def page_of(gpa: int) -> int:
     return gpa // PAGE_SIZE
+
+
+class ExtraDirtyLog(Protocol):
+    """Another writer of guest RAM that neither KVM's log nor GuestMemory's map sees (vhost-net's
+    kernel worker: kvmpy.vhost.dirtylog.VhostDirtyLog). DirtyTracker starts it after its own logs
+    (before the first page is sent), takes it into `pending` at every sync, and stops it with them."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...           # also after a failed or partial start
+
+    def take_into(self, pending: Sequence["np.ndarray"]) -> int: ...   # take-and-clear into pending
+
+
+class DirtyTracker:
+    """Which guest pages changed since they were last sent: KVM's dirty log (the guest's writes)
+    merged with GuestMemory's userspace dirty map (kvmpy's own writes), per RAM range.
+
+    Why the dirty log and not the dirty ring: the ring must be chosen before the first vCPU
+    exists and then costs on every guest write for the VM's whole life (ring-full exits), while
+    the log is switched on per slot only while migrating (re-registering the slot with
+    KVM_MEM_LOG_DIRTY_PAGES). With KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_GET_DIRTY_LOG only reads
+    (so `sync` may count the remaining set without losing it) and KVM_CLEAR_DIRTY_LOG re-protects
+    just the pages about to be sent, chunk by chunk: a page the guest writes after its chunk was
+    cleared is logged again, and write faults stay confined to pages actually being sent. Without
+    the capability GET_DIRTY_LOG clears as it reads and the bits wait in `pending`.
+
+    The order that makes it correct: marks are set after a write, and a page is cleared (KVM and
+    userspace) before its contents are copied; so every write either precedes the copy or sets
+    the page dirty again. `vm` needs set_user_memory_region/get_dirty_log/clear_dirty_log and
+    enable_manual_dirty_log_protect (kvmpy.ioctl.Vm, or a fake in tier 0).
+
+    The VM belongs to the machine, which may close it (a reboot, the guest's end) while the
+    migration thread is between reading `vm.fd` and the ioctl: `detach(cause)`, called by the
+    closer first, waits out an ioctl in flight and turns every later one into a MigrationError
+    naming the cause, so the tracker never touches a closed or reused descriptor.
+    """
+
+    def __init__(self, memory, vm, manual_protect: bool | None = None):
+        self.memory, self.vm = memory, vm
+        self.npages = [r.size // PAGE_SIZE for r in memory.ranges]
+        self._manual = manual_protect
+        self._pending: list | None = None
+        self.active = False
+        self.extra_logs: list[ExtraDirtyLog] = []   # merged at every sync (vhost-net's log)
+        self._vm_lock = threading.Lock()        # held across each ioctl on `vm`
+        self.detached: str | None = None        # why the VM is gone (detach's cause)
+
+    def detach(self, cause: str) -> None:
+        """The VM is about to close (`cause`, e.g. "the guest rebooted"): returns once no ioctl on
+        it is in flight; every later one raises MigrationError(cause) without touching it."""
+        with self._vm_lock:
+            if self.detached is None:
+                self.detached = cause
+
+    def _vm_call(self, call: Callable[..., Any], *args: Any) -> Any:
+        with self._vm_lock:
+            if self.detached is not None:
+                from kvmpy.errors import MigrationError
+                raise MigrationError("tracking dirty pages", detail=f"{self.detached}: the VM is closed")
+            return call(*args)
+
+    def start(self) -> None:
+        """Clear everything and track from now on (before the first page is sent)."""
+        import numpy as np
+        from kvmpy.errors import IoctlError
+        if self._manual is None:
+            try:
+                self._vm_call(self.vm.enable_manual_dirty_log_protect)
+                self._manual = True
+            except IoctlError:
+                self._manual = False
+        elif self._manual:
+            self._vm_call(self.vm.enable_manual_dirty_log_protect)
+        self._pending = [np.zeros(n, dtype=bool) for n in self.npages]
+        self.memory.start_tracking()
+        self._set_logging(True)
+        self.active = True
+        try:
+            for extra in self.extra_logs:
+                extra.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop logging (a failed or cancelled migration, or after the last pass)."""
+        if not self.active:
+            return
+        self.active = False
+        self.memory.stop_tracking()
+        for extra in self.extra_logs:
+            extra.stop()
+        if self.detached is not None:   # the VM is closed: its slots' flags went with it
+            return
+        from kvmpy.errors import KvmpyError
+        try:
+            self._set_logging(False)
+        except KvmpyError as exc:   # the VM went away (a reboot rebuilt it): nothing to switch off
+            import logging
+            logging.getLogger(__name__).warning("switching the dirty log off: %s", exc)
+
+    def _set_logging(self, on: bool) -> None:
+        from kvmpy.ioctl import lib
+        flags = lib.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        mem = self.memory
+        for i, r in enumerate(mem.ranges):
+            self._vm_call(self.vm.set_user_memory_region, r.slot, r.gpa, r.size, mem.host_address(i), flags)
+
+    @property
+    def manual_protect(self) -> bool:
+        return bool(self._manual)
+
+    def sync(self) -> int:
+        """Collect KVM's log and the userspace map into `pending`; the number of dirty pages."""
+        import numpy as np
+        assert self._pending is not None
+        for extra in self.extra_logs:       # into pending, which take() clears just before the copy
+            extra.take_into(self._pending)
+        total = 0
+        for i, r in enumerate(self.memory.ranges):
+            n = self.npages[i]
+            bits = np.unpackbits(self._vm_call(self.vm.get_dirty_log, r.slot, n).view(np.uint8),
+                                 bitorder="little")[:n]
+            pending = self._pending[i]
+            pending |= bits.astype(bool)
+            pending |= np.frombuffer(self.memory.dirty_maps[i], dtype=np.uint8).astype(bool)
+            total += int(np.count_nonzero(pending))
+        return total
+
+    def dirty_chunks(self, index: int, chunk_pages: int) -> list[int]:
+        """First pages of the `chunk_pages`-sized chunks of range `index` that hold anything to
+        send (synced log bits or userspace marks): a pass over an idle guest then costs a few
+        chunks, not a numpy walk of every chunk of RAM (under nested TCG that walk alone took
+        longer than a 300 ms downtime). A chunk the userspace map marks after this call waits
+        for the next pass; the switchover asks again with the guest paused."""
+        import numpy as np
+        return (np.flatnonzero(self._chunked_marks(index, chunk_pages).any(axis=1)) * chunk_pages).tolist()
+
+    def dirty_counts(self, index: int, chunk_pages: int) -> "np.ndarray":
+        """How many pages of each `chunk_pages`-sized chunk of range `index` hold anything to
+        send (as dirty_chunks, counted): the pre-copy engine takes runs of chunks holding about a
+        chunk's worth of dirty pages at a time, not a take (and a KVM_CLEAR_DIRTY_LOG) per chunk
+        of address space."""
+        import numpy as np
+        return np.count_nonzero(self._chunked_marks(index, chunk_pages), axis=1)
+
+    def _chunked_marks(self, index: int, chunk_pages: int) -> "np.ndarray":
+        """Synced log bits or userspace marks of range `index`, one row per `chunk_pages` chunk
+        (the last row padded with clean pages)."""
+        import numpy as np
+        assert self._pending is not None
+        n = self.npages[index]
+        chunks = -(-n // chunk_pages)
+        any_dirty = np.zeros(chunks * chunk_pages, dtype=bool)
+        any_dirty[:n] = self._pending[index]
+        any_dirty[:n] |= np.frombuffer(self.memory.dirty_maps[index], dtype=np.uint8).astype(bool)
+        return any_dirty.reshape(chunks, chunk_pages)
+
+    def take(self, index: int, first: int, count: int) -> "np.ndarray":
+        """The dirty pages (bool per page) of pages [first, first+count) of range `index`,
+        cleared in KVM's log and the userspace map: send them after this call, never before.
+        `first` must be a multiple of 64 (KVM_CLEAR_DIRTY_LOG's rule)."""
+        import numpy as np
+        assert self._pending is not None
+        end = min(first + count, self.npages[index])
+        pending = self._pending[index]
+        dirty_map = self.memory.dirty_maps[index]
+        user = np.frombuffer(dirty_map, dtype=np.uint8)[first:end].astype(bool)
+        chunk = pending[first:end] | user
+        if self._manual:
+            kvm_bits = pending[first:end]
+            if kvm_bits.any():
+                words = pages_to_bitmap(np.flatnonzero(kvm_bits), end - first)
+                self._vm_call(self.vm.clear_dirty_log, self.memory.ranges[index].slot, first, end - first, words)
+        for start, n in _runs(user):        # exactly the bytes about to be sent
+            dirty_map[first + start:first + start + n] = bytes(n)
+        pending[first:end] = False
+        return chunk
+
+
+def _runs(mask: "np.ndarray"):
+    import numpy as np
+    if not mask.size:
+        return
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        yield s, e - s

@@ -5,6 +5,7 @@ above 4 GiB, as on real PCs. Pure arithmetic: tier-0 testable.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvmpy.errors import ConfigError
@@ -15,6 +16,7 @@ MiB = 1 << 20
 HOLE_START = 0xC000_0000   # 3 GiB: start of the 32-bit MMIO hole
 HOLE_END = 1 << 32
 MIN_RAM = 1 * MiB
+MAX_RAM = 1 << 52          # x86-64's physical address width: no guest RAM can be larger
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ def parse_size(text: str) -> int:
         value = float(t)
     except ValueError:
         raise ConfigError("parsing a memory size", detail=f"{text!r} is not a size like 512M or 2G") from None
+    # float() accepts "inf", "nan" and "1e30": a size must be a finite number a guest could have
+    if not math.isfinite(value) or value * mult > MAX_RAM:
+        raise ConfigError("parsing a memory size",
+                          detail=f"{text!r} is not a size like 512M or 2G (at most {MAX_RAM >> 40} TiB)")
     size = int(value * mult)
     if size <= 0:
         raise ConfigError("parsing a memory size", detail=f"{text!r} is not positive")

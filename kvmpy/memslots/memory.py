@@ -4,7 +4,21 @@ Backed by a memfd, so the same pages can be handed to vhost, a second process or
 target by file descriptor, whenever the kernel backs shmem with transparent huge pages; else by
 anonymous memory (fd -1) with MADV_HUGEPAGE, because 4 KiB pages under nested paging are slow.
 `backend="memfd"` forces sharing. Every GPA access is bounds-checked: addresses come
-from a possibly hostile guest. The core works on the mmaps directly; numpy is imported on the
+from a possibly hostile guest.
+
+Writes kvmpy itself makes into guest RAM are invisible to KVM's dirty log, so GuestMemory keeps
+the one userspace dirty map live migration merges with it: a byte per page per RAM range
+(`dirty_maps`, 1/4096 of RAM), set *after* the write lands. Who marks what:
+  - write/fill/write_u16/u32/u64 mark themselves, only while `tracking` (one flag check otherwise);
+  - views from buffer()/view()/arrays are not tracked here: the virtqueue marks what devices write
+    through them when it returns a chain (Virtqueue.push: the chain's writable buffers and the used
+    ring; pop: the used ring's avail_event), which covers virtio-blk, -rng, -console and -net on the
+    Python path;
+  - the C data path (vqfast.c) sets the same bytes for the chains it completes, always (a byte
+    store per page next to a preadv costs nothing), and fastpath.blk_process marks the used ring.
+Marks are idempotent byte stores (never read-modify-write), so C and Python never lose each
+other's marks; the migration side clears exactly the bytes it is about to send (memslots.dirty).
+Not tracked: API users writing through numpy views, and vhost-net's kernel writes. The core works on the mmaps directly; numpy is imported on the
 first `view()`/`arrays` use, since importing it costs seconds under nested virtualization and
 booting a guest needs none of it.
 """
@@ -76,6 +90,11 @@ class GuestMemory:
             raise KvmpyError(f"creating guest RAM ({self.backend})", errno=e.errno,
                              detail=f"{total} bytes") from None
         self._starts = [r.gpa for r in self.ranges]
+        self._init_dirty()
+
+    def _init_dirty(self) -> None:
+        self.tracking = False
+        self.dirty_maps = [bytearray(r.size // PAGE_SIZE) for r in self.ranges]
 
     def _map_range(self, r: RamRange) -> None:
         prot = mmap.PROT_READ | mmap.PROT_WRITE
@@ -100,6 +119,43 @@ class GuestMemory:
     def create(cls, total: int, backend: str = "auto") -> "GuestMemory":
         return cls(ram_ranges(total), backend=backend)
 
+    @classmethod
+    def map_file(cls, total: int, fd: int, offsets: dict[int, int]) -> "GuestMemory":
+        """Guest RAM mapped copy-on-write (MAP_PRIVATE) from a snapshot file: range at gpa G
+        reads from file offset offsets[G] (page-aligned; holes read as zeros). Nothing is read
+        up front, so a restore costs the same for 64 MiB as for 64 GiB; pages fault in as the
+        guest touches them, and its writes never reach the file. Not shareable by fd (backend
+        "file"): vhost or a second process needs a memfd backend instead."""
+        self = cls.__new__(cls)
+        self.backend, self.fd, self.size = "file", -1, total
+        self.ranges = sorted(ram_ranges(total), key=lambda r: r.gpa)
+        self._mmaps, self._maps, self._arrays, self._addresses = [], [], None, []
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        try:
+            file_size = os.fstat(fd).st_size
+            for r in self.ranges:
+                if offsets.get(r.gpa, 0) + r.size > file_size:   # a mapping past EOF is SIGBUS later
+                    raise KvmpyError("mapping guest RAM from the snapshot",
+                                     detail=f"the file ends before the range at {r.gpa:#x} (truncated?)")
+                if r.gpa not in offsets or offsets[r.gpa] % PAGE_SIZE:
+                    raise KvmpyError("mapping guest RAM from the snapshot",
+                                     detail=f"no page-aligned data for the range at {r.gpa:#x}")
+                m = mmap.mmap(fd, r.size, mmap.MAP_PRIVATE, prot, offset=offsets[r.gpa])
+                self._mmaps.append(m)
+                view = memoryview(m)
+                self._maps.append(view)
+                self._addresses.append(_address_of(view))
+        except (OSError, ValueError) as e:
+            self.close()
+            raise KvmpyError("mapping guest RAM from the snapshot", errno=getattr(e, "errno", None),
+                             detail=str(e)) from None
+        except BaseException:
+            self.close()
+            raise
+        self._starts = [r.gpa for r in self.ranges]
+        self._init_dirty()
+        return self
+
     # -- lookups -------------------------------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[int, int]:
         """(region index, offset in region) for [gpa, gpa+length), which must lie in one range."""
@@ -113,6 +169,30 @@ class GuestMemory:
                 return i, off
         raise GuestMemoryError("guest memory access",
                                detail=f"[{gpa:#x}, {gpa + length:#x}) is not inside guest RAM")
+
+    # -- the userspace dirty map (see the module docstring) -------------------------------------
+    def start_tracking(self) -> None:
+        """Clear the dirty map and mark kvmpy's own writes from now on (a migration starts)."""
+        for m in self.dirty_maps:
+            m[:] = bytes(len(m))
+        self.tracking = True
+
+    def stop_tracking(self) -> None:
+        self.tracking = False
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Mark the pages of [gpa, gpa+length) as written by kvmpy (call after the write). Quietly
+        ignores what is not RAM: the caller's own access already failed or was checked."""
+        if length <= 0:
+            return
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0:
+            return
+        r = self.ranges[i]
+        first = (gpa - r.gpa) // PAGE_SIZE
+        last = min(r.size, gpa - r.gpa + length + PAGE_SIZE - 1) // PAGE_SIZE
+        if first < last:
+            self.dirty_maps[i][first:last] = b"\1" * (last - first)
 
     def contains(self, gpa: int, length: int) -> bool:
         try:
@@ -147,10 +227,14 @@ class GuestMemory:
         buf = memoryview(data).cast("B")
         i, off = self._locate(gpa, len(buf))
         self._maps[i][off:off + len(buf)] = buf
+        if self.tracking:
+            self.mark_dirty(gpa, len(buf))
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         i, off = self._locate(gpa, length)
         self._maps[i][off:off + length] = bytes((value,)) * length
+        if self.tracking:
+            self.mark_dirty(gpa, length)
 
     def read_u16(self, gpa: int) -> int:
         i, off = self._locate(gpa, 2)
@@ -167,17 +251,24 @@ class GuestMemory:
     def write_u16(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 2)
         struct.pack_into("<H", self._maps[i], off, value)
+        if self.tracking:
+            self.mark_dirty(gpa, 2)
 
     def write_u32(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 4)
         struct.pack_into("<I", self._maps[i], off, value)
+        if self.tracking:
+            self.mark_dirty(gpa, 4)
 
     def write_u64(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 8)
         struct.pack_into("<Q", self._maps[i], off, value)
+        if self.tracking:
+            self.mark_dirty(gpa, 8)
 
     def buffer(self, gpa: int, length: int) -> memoryview:
-        """A writable memoryview for preadv/pwritev/recv_into straight into guest RAM."""
+        """A writable memoryview for preadv/pwritev/recv_into straight into guest RAM. Writes
+        through it are not marked dirty here: call mark_dirty afterwards (the virtqueue does)."""
         i, off = self._locate(gpa, length)
         return self._maps[i][off:off + length]
 

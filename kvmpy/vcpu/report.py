@@ -148,7 +148,9 @@ def machine_report(threads: "list[VcpuThread]", vm, read_guest: ReadGuest | None
     """Park every vCPU (a thread that cannot leave KVM_RUN is itself the finding), describe
     them and the irqchips, then let them run on."""
     lines = []
-    parked = [t for t in threads if t.pause(timeout=PAUSE_S)]
+    # Threads already parked (a paused machine) stay parked: only those parked here resume.
+    already = [t for t in threads if t.paused]
+    parked = already + [t for t in threads if t not in already and t.pause(timeout=PAUSE_S)]
     try:
         for t in threads:
             if t not in parked:
@@ -168,7 +170,8 @@ def machine_report(threads: "list[VcpuThread]", vm, read_guest: ReadGuest | None
                 lines.append(f"irqchip: {e}")
     finally:
         for t in parked:
-            t.resume()
+            if t not in already:
+                t.resume()
     return lines
 
 

@@ -20,6 +20,7 @@ from kvmpy.devices.bus import Bus
 from kvmpy.errors import KvmpyError, StateError
 from kvmpy.ioctl import Vcpu
 from kvmpy.ioctl._kvm import lib
+from kvmpy import sandbox
 from kvmpy.vcpu.dispatch import ExitDispatcher, Outcome
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,19 @@ class VcpuThread:
         self._paused = False
         self._stop_requested: StopReason | None = None
         self._thread = threading.Thread(target=self._main, name=name or f"vcpu{vcpu.id}", daemon=True)
+        self.sandbox = sandbox.inherited()   # the building thread's machine policy (kvmpy.sandbox)
 
     # -- control from other threads ---------------------------------------------------------
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Start the thread; `paused` parks it before the first guest instruction (QEMU's -S,
+        or a restored vCPU waiting for the rest of the machine)."""
         if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
             raise StateError(f"starting {self._thread.name}",
                              detail="call kvmpy.vcpu.runner.install_kick_signal() in the main thread first")
+        if paused:
+            with self._cond:
+                self._pause_requested = True
+            self.vcpu.run_struct.immediate_exit = 1   # KVM_RUN returns at once: park
         self._thread.start()
 
     def kick(self) -> None:
@@ -102,11 +110,20 @@ class VcpuThread:
     def pause(self, timeout: float | None = 5.0) -> bool:
         """Stop running guest code and wait until the thread is parked. True when parked (or the
         thread already ended)."""
+        self.request_pause()
+        return self.wait_parked(timeout)
+
+    def request_pause(self) -> None:
+        """Ask the thread to park and kick it out of KVM_RUN; does not wait (pause all vCPUs
+        at once, then wait for each)."""
         with self._cond:
             self._pause_requested = True
         self.kick()
+
+    def wait_parked(self, timeout: float | None = 5.0) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self._paused or self.reason is not None, timeout)
+            return self._cond.wait_for(lambda: self._paused or self.reason is not None
+                                       or self._thread.ident is None, timeout)
 
     def resume(self) -> None:
         with self._cond:
@@ -116,6 +133,11 @@ class VcpuThread:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def native_id(self) -> int | None:
+        """The host thread id (QMP query-cpus-fast's thread-id), once started."""
+        return self._thread.native_id
 
     def request_exit(self, exit_code: int, detail: str = "guest requested exit") -> None:
         """End the thread with EXIT_CODE (safe from the vCPU thread itself, e.g. a debug-exit
@@ -167,6 +189,7 @@ class VcpuThread:
         log.debug("vCPU %d ended: %s", self.vcpu.id, self.reason)
 
     def _loop(self) -> StopReason:
+        sandbox.enter("vcpu", self.sandbox, f"kvmpy-vcpu{self.vcpu.id}")
         fd = self.vcpu.fd
         # Bound once: each KVM_RUN is then a single C-level call, no Python frame in between.
         if self.fastpio is not None:

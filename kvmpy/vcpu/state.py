@@ -1,4 +1,4 @@
-"""vCPU state as plain data (bytes/ints/dicts, picklable): capture from and restore into a vCPU.
+"""vCPU state as plain data (bytes/ints/dicts): read from and written into a vCPU.
 
 Each register block is kept as the kernel struct's bytes, so capture/restore is lossless and the
 stream codec needs no knowledge of x86. Restore validates every size before touching the vCPU:
@@ -7,15 +7,18 @@ the state may come from an untrusted migration stream.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 
 from kvmpy.errors import IoctlError, StateError
 from kvmpy.ioctl import Vcpu
-from kvmpy.ioctl._kvm import ffi
+from kvmpy.ioctl._kvm import ffi, lib
+from kvmpy.state import versioned
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+MAX_NESTED_BYTES = 1 << 20
 # block name -> C struct whose bytes it holds (xsave may be larger: KVM_GET_XSAVE2)
 BLOCKS = {
     "regs": "struct kvm_regs",
@@ -30,9 +33,11 @@ LAPIC_BYTES = ffi.sizeof("struct kvm_lapic_state")
 MAX_MSRS = 4096
 
 
+@versioned("kvm-vcpu", STATE_VERSION)
 @dataclass
 class VcpuState:
-    """One vCPU's architectural state. `lapic` is None without an in-kernel irqchip."""
+    """One vCPU's architectural state. `lapic` is None without an in-kernel irqchip; `nested`
+    holds KVM_GET_NESTED_STATE's bytes where KVM supports nesting (None elsewhere)."""
     vcpu_id: int
     regs: bytes
     sregs: bytes
@@ -44,6 +49,7 @@ class VcpuState:
     debugregs: bytes
     lapic: bytes | None = None
     msrs: dict[int, int] = field(default_factory=dict)
+    nested: bytes | None = None
     version: int = STATE_VERSION
 
     def validate(self, xsave_bytes: int | None = None) -> None:
@@ -62,6 +68,9 @@ class VcpuState:
                              detail=f"xsave block is {len(self.xsave)} bytes, this vCPU uses {xsave_bytes}")
         if self.lapic is not None:
             _check_bytes("lapic", self.lapic, LAPIC_BYTES)
+        if self.nested is not None and (not isinstance(self.nested, bytes) or not
+                                        ffi.sizeof("struct kvm_nested_state") <= len(self.nested) <= MAX_NESTED_BYTES):
+            raise StateError("validating vCPU state", detail="nested state block has a bad size")
         if not isinstance(self.msrs, dict) or len(self.msrs) > MAX_MSRS:
             raise StateError("validating vCPU state", detail="msrs must be a dict of at most 4096 entries")
         for index, value in self.msrs.items():
@@ -91,8 +100,9 @@ def read_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
     return values
 
 
-def capture(vcpu: Vcpu, msr_indices: list[int] | None = None) -> VcpuState:
-    """Snapshot a (stopped or paused) vCPU. msr_indices default: KVM's MSR index list."""
+def get_vcpu_state(vcpu: Vcpu, msr_indices: list[int] | None = None) -> VcpuState:
+    """Snapshot a (stopped or parked) vCPU: every block KVM has, every MSR KVM lists as saved
+    (msr_indices default: KVM_GET_MSR_INDEX_LIST), and the nested state where supported."""
     if msr_indices is None:
         msr_indices = vcpu.vm.kvm.msr_index_list()
     try:
@@ -104,7 +114,13 @@ def capture(vcpu: Vcpu, msr_indices: list[int] | None = None) -> VcpuState:
         regs=_blob(vcpu.get_regs()), sregs=_blob(vcpu.get_sregs()), fpu=_blob(vcpu.get_fpu()),
         xsave=_blob(vcpu.get_xsave()), xcrs=_blob(vcpu.get_xcrs()),
         mp_state=_blob(vcpu.get_mp_state()), vcpu_events=_blob(vcpu.get_vcpu_events()),
-        debugregs=_blob(vcpu.get_debugregs()), lapic=lapic, msrs=read_msrs(vcpu, msr_indices))
+        debugregs=_blob(vcpu.get_debugregs()), lapic=lapic, msrs=read_msrs(vcpu, msr_indices),
+        nested=_nested_state(vcpu))
+
+
+def _nested_state(vcpu: Vcpu) -> bytes | None:
+    size = vcpu.vm.check_extension(lib.KVM_CAP_NESTED_STATE)
+    return vcpu.get_nested_state(size) if size > 0 else None
 
 
 def _cdata(ctype: str, data: bytes):
@@ -113,10 +129,35 @@ def _cdata(ctype: str, data: bytes):
     return out
 
 
-def restore(vcpu: Vcpu, state: VcpuState) -> None:
+NESTED_GUEST_MODE, NESTED_GIF_SET = 0x1, 0x100      # struct kvm_nested_state's flags
+NESTED_FORMAT_SVM = 1
+EFER_SVME = 1 << 12
+
+
+def loadable_nested_state(nested: bytes, efer: int) -> bytes:
+    """The nested state as KVM_SET_NESTED_STATE takes it. On SVM, a vCPU outside guest mode with
+    EFER.SVME clear can only have GIF set (only CLGI clears it, and CLGI needs SVME), and KVM
+    refuses anything else with EINVAL. A source in L1 captured GIF clear for a guest that never
+    touched SVM (with vGIF, KVM reads GIF from the VMCB, which nested SVM under QEMU's TCG
+    seems to clobber), and the destination then failed the migration at the switchover."""
+    if len(nested) < 4:
+        return nested
+    flags, fmt = struct.unpack_from("<HH", nested)
+    if fmt == NESTED_FORMAT_SVM and not efer & EFER_SVME and not flags & NESTED_GUEST_MODE \
+            and flags != NESTED_GIF_SET:
+        log.info("nested state flags %#x outside guest mode with SVME clear: loaded as GIF set", flags)
+        return struct.pack("<H", NESTED_GIF_SET) + nested[2:]
+    return nested
+
+
+def set_vcpu_state(vcpu: Vcpu, state: VcpuState) -> None:
     """Load `state` into `vcpu` (validated first), in the order KVM needs: registers, extended
-    state, special registers, MSRs, then run state, LAPIC and pending events."""
+    state, special registers, nested state, MSRs, then run state, LAPIC and pending events."""
+    if not isinstance(state, VcpuState):
+        raise StateError("restoring vCPU state", detail=f"expected VcpuState, got {type(state).__name__}")
     state.validate(xsave_bytes=vcpu.xsave_bytes)
+    if state.nested is not None and vcpu.vm.check_extension(lib.KVM_CAP_NESTED_STATE) <= 0:
+        raise StateError("restoring vCPU state", detail="the vCPU has nested state but this KVM cannot load it")
     vcpu.set_regs(_cdata("struct kvm_regs", state.regs))
     vcpu.set_fpu(_cdata("struct kvm_fpu", state.fpu))
     xsave = ffi.new("struct kvm_xsave *", {"extra": (len(state.xsave) - ffi.sizeof("struct kvm_xsave")) // 4})
@@ -124,6 +165,9 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     vcpu.set_xsave(xsave)
     vcpu.set_xcrs(_cdata("struct kvm_xcrs", state.xcrs))
     vcpu.set_sregs(_cdata("struct kvm_sregs", state.sregs))
+    if state.nested is not None:
+        efer = ffi.cast("struct kvm_sregs *", ffi.from_buffer(state.sregs)).efer
+        vcpu.set_nested_state(loadable_nested_state(state.nested, efer))
     _write_msrs(vcpu, state.msrs)
     vcpu.set_mp_state(_cdata("struct kvm_mp_state", state.mp_state))
     if state.lapic is not None:

@@ -1,4 +1,6 @@
-"""Loader for the tiny real-mode test guests in tests/guest/ (tests and `kvmpy bench exits`).
+"""Loader for the tiny real-mode guests in tests/guest/, kept in the package because
+`kvmpy bench exits` runs one (pio_loop). The tests' richer variant (several vCPUs, an irqchip, a
+dirty ring) lives in tests/support/tinyguest.py and builds on this one.
 
 A tiny guest is a flat 16-bit binary loaded at LOAD_ADDR and entered with CS=0, IP=LOAD_ADDR;
 its inputs are general registers set here. Real mode needs no page tables or GDT, so a guest is
@@ -6,10 +8,10 @@ a handful of instructions (this host's KVM emulates about a million per second).
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kvmpy.errors import BootError, KvmpyError
 from kvmpy.ioctl import Kvm, Vcpu, Vm
@@ -62,15 +64,15 @@ class TinyVm:
 
     @classmethod
     def create(cls, mem_bytes: int = 1 << 20, device: str = "/dev/kvm", vcpus: int = 1,
-               irqchip: bool = False, dirty_ring_bytes: int = 0, slot_flags: int = 0) -> "TinyVm":
+               slot_flags: int = 0, prepare_vm: Callable[[Vm], None] | None = None) -> "TinyVm":
+        """One RAM slot of `mem_bytes` at GPA 0 and `vcpus` vCPUs; `prepare_vm` runs on the new
+        VM before memory and vCPUs exist (where KVM wants an irqchip or a dirty ring set up)."""
         kvm = Kvm(device)
         vm = memory = None
         try:
             vm = kvm.create_vm()
-            if irqchip:
-                vm.create_irqchip()
-            if dirty_ring_bytes:
-                vm.enable_dirty_ring(dirty_ring_bytes)
+            if prepare_vm is not None:
+                prepare_vm(vm)
             memory = GuestMemory.create(mem_bytes)
             vm.set_user_memory_region(0, 0, memory.size, memory.host_address(0), slot_flags)
             tiny = cls(kvm, vm, memory)
@@ -108,6 +110,3 @@ class TinyVm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def has_kvm(device: str = "/dev/kvm") -> bool:
-    return os.access(device, os.R_OK | os.W_OK)

@@ -95,6 +95,13 @@ class MsiRouter:
                 self._efds[gsi] = efd
             self._by_message = {msg: self._efds[g] for g, msg in self._routes.items() if g in self._efds}
 
+    def eventfd_for(self, owner: object, vector: int) -> int | None:
+        """The irqfd eventfd of `owner`'s MSI-X `vector` once the guest has programmed it (for a
+        kernel data path such as vhost to interrupt the guest without the VMM), else None."""
+        with self._lock:
+            gsi = self._gsi_of.get((owner, vector))
+            return self._efds.get(gsi) if gsi is not None else None
+
     def signal(self, address: int, data: int) -> None:
         efd = self._by_message.get((address, data))
         self.signalled += 1

@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         facts = collect(args.device)
     except KvmUnavailableError as e:
-        print(f"kvmpy: {e}", file=sys.stderr)
+        print(f"kvmpy: error: {e}", file=sys.stderr)
         return 1
     if args.json:
         import json  # only `kvmpy info --json` needs it; `kvmpy boot` imports this module too

@@ -51,19 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", formatter_class=_HelpFormatter, help="print this host's KVM facts and what they mean")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--device", default="/dev/kvm", help="KVM device path")
-    info.set_defaults(func=_handler("kvmpy.hostinfo", "main"))
+    info.set_defaults(func=_handler("kvmpy.cli.info", "main"))
 
     bench = sub.add_parser("bench", formatter_class=_HelpFormatter, help="micro-benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True, prog="kvmpy bench")
     ex = bsub.add_parser("exits", formatter_class=_HelpFormatter, help="port-I/O exit round trips through the dispatch path")
     ex.add_argument("--count", type=int, default=20000)
     ex.add_argument("--device", default="/dev/kvm")
-    ex.set_defaults(func=_handler("kvmpy.bench", "exits_main"))
+    ex.set_defaults(func=_handler("kvmpy.cli.bench", "exits_main"))
 
-    from kvmpy.bootargs import add_boot_arguments
+    from kvmpy.cli.bootargs import add_boot_arguments
     boot = sub.add_parser("boot", formatter_class=_HelpFormatter, help="boot a kernel (bzImage, PVH ELF or multiboot)")
     add_boot_arguments(boot)
-    boot.set_defaults(func=_handler("kvmpy.bootcmd", "main"))
+    boot.set_defaults(func=_handler("kvmpy.cli.boot", "main"))
+
+    from kvmpy.cli.qmp import add_arguments as add_qmp_arguments
+    qmp = sub.add_parser("qmp", formatter_class=_HelpFormatter,
+                         help="send one QMP command to a running kvmpy (or follow its events)")
+    add_qmp_arguments(qmp)
+    qmp.set_defaults(func=_handler("kvmpy.cli.qmp", "main"))
 
     nested = sub.add_parser("nested", formatter_class=_HelpFormatter, help="run commands inside the nested hardware-KVM harness")
     nested.add_argument("nested_args", nargs=argparse.REMAINDER)
@@ -71,13 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def ensure_standard_fds() -> None:
+    """Give a closed stdin/stdout/stderr (`2>&-`) /dev/null. Otherwise the next file kvmpy opens
+    (/dev/kvm, a disk image) would get fd 2 and receive error messages, and Python leaves
+    sys.stderr None, which faulthandler and print() refuse."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:      # a lower fd was closed too and took it; it is fixed on its turn
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            stream = os.fdopen(fd, mode, closefd=False)
+            setattr(sys, name, stream)
+            setattr(sys, f"__{name}__", stream)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    ensure_standard_fds()
     # SIGUSR2 asks for a state report; until a machine runs (it then reports vCPUs too), the
     # Python stacks: a start-up that hangs is diagnosable, and the signal never kills kvmpy.
     try:
         faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
-    except (AttributeError, ValueError, OSError):
-        pass  # no real stderr (embedded use): then no early dump, and nothing else changes
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass  # no usable stderr (embedded use): then no early dump, and nothing else changes
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "boot_log_level", None):   # `kvmpy boot --log-level X`, as in the issue's CLI
@@ -90,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.log_level == "debug":
             log.exception("failed")
         print(f"kvmpy: error: {e}", file=sys.stderr)
-        return 1
+        return int(getattr(e, "exit_status", 1))   # e.g. 124 for a --timeout during start-up
     except OSError as e:
         if args.log_level == "debug":
             log.exception("failed")
