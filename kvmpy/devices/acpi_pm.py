@@ -7,8 +7,9 @@ Block layout (offsets from the registered base; the composer puts the same ports
   +8  PM_TMR  (24-bit 3.579545 MHz counter, read-only)
   +12 RESET   (8 bits: RESET_VALUE resets the machine)
 A write that sets SLP_EN with SLP_TYP = the `\\_S5` value calls `on_poweroff()`; other sleep
-types are refused (kvmpy offers no S1-S4). No event ever raises the SCI: kvmpy has no
-power button, timer-overflow or wake sources, so the registers only need to read back sanely.
+types are refused (kvmpy offers no S1-S4). The one event source is the fixed-feature power
+button (`press_power_button()`, QMP system_powerdown): it sets PWRBTN_STS and, while the guest
+has enabled it, raises the SCI (a level IRQ line) until the guest clears the status bit.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
+from kvmpy.devices.irq import IrqLine
 from kvmpy.errors import StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import check_int, expect_state, versioned
 
 log = logging.getLogger(__name__)
 _guest_log = RateLimitedLog(log)
@@ -40,14 +43,17 @@ GBL_RLS = 1 << 2                      # write-only: reads as 0
 SLP_TYP_SHIFT, SLP_TYP_MASK = 10, 0x7 << 10
 SLP_EN = 1 << 13                      # write-only: reads as 0
 PM1_CNT_STORED = SCI_EN | BM_RLD | SLP_TYP_MASK
+PWRBTN_STS = PWRBTN_EN = 1 << 8
 
 # (offset, width) of each register; accesses may cover parts of several.
 _REGISTERS = ((PM1_STS_OFFSET, 2), (PM1_EN_OFFSET, 2), (PM1_CNT_OFFSET, 2), (PM_TMR_OFFSET, 4),
               (RESET_OFFSET, 1))
 
 
+@versioned("acpi-pm", 1)
 @dataclass
 class AcpiPmState:
+    """The PM1 registers and the PM timer's count (the timer runs on from that count)."""
     pm1_status: int = 0
     pm1_enable: int = 0
     pm1_control: int = SCI_EN         # no SMI_CMD in the FADT: the machine is always in ACPI mode
@@ -58,17 +64,20 @@ class AcpiPmState:
                                   ("pm1_enable", self.pm1_enable, PM1_EN_MASK),
                                   ("pm1_control", self.pm1_control, PM1_CNT_STORED),
                                   ("timer", self.timer, PM_TIMER_MASK)):
-            if type(value) is not int or value < 0 or value & ~mask:
-                raise StateError("restoring ACPI PM state", detail=f"{name}={value!r}")
+            if check_int("ACPI PM state", name, value, bits=32) & ~mask:
+                raise StateError("restoring ACPI PM state", detail=f"{name}={value:#x} has reserved bits")
 
 
 class AcpiPm:
     """The PM register block. `on_poweroff`/`on_reset` run on the vCPU thread that wrote."""
 
+    DEVICE_KIND: ClassVar[str] = "acpi-pm"
+
     def __init__(self, on_poweroff: Callable[[], None], on_reset: Callable[[], None], *,
                  s5_sleep_type: int = S5_SLEEP_TYPE, reset_value: int = RESET_VALUE,
-                 clock_ns: Callable[[], int] = time.monotonic_ns):
+                 clock_ns: Callable[[], int] = time.monotonic_ns, sci: "IrqLine | None" = None):
         self.on_poweroff = on_poweroff
+        self.sci = sci
         self.on_reset = on_reset
         self.s5_sleep_type = s5_sleep_type
         self.reset_value = reset_value
@@ -124,8 +133,20 @@ class AcpiPm:
                 mask = ((1 << (8 * (hi - lo))) - 1) << shift
                 value = int.from_bytes(data[lo - offset:hi - offset], "little") << shift
                 action = self._write_register(reg, value, mask) or action
+            self._update_sci()
         if action is not None:
             action()
+
+    def press_power_button(self) -> None:
+        """The ACPI fixed power button: the guest's OS decides what to do (usually shut down)."""
+        with self._lock:
+            self._status |= PWRBTN_STS
+            self._update_sci()
+
+    def _update_sci(self) -> None:
+        """SCI level = an enabled event is pending and SCI_EN is set (under the lock)."""
+        if self.sci is not None:
+            self.sci.set_level(bool(self._status & self._enable & PWRBTN_EN) and bool(self._control & SCI_EN))
 
     def _write_register(self, reg: int, value: int, mask: int) -> Callable[[], None] | None:
         """Apply one (partial) register write under the lock; returns what to call after it."""
@@ -164,11 +185,16 @@ class AcpiPm:
         with self._lock:
             return AcpiPmState(self._status, self._enable, self._control, self.timer_count())
 
+    def check_state(self, state: object) -> AcpiPmState:
+        """Validate `state` without touching the registers."""
+        checked = expect_state(state, AcpiPmState, "ACPI PM state")
+        checked.validate()
+        return checked
+
     def restore(self, state: AcpiPmState) -> None:
-        if not isinstance(state, AcpiPmState):
-            raise StateError("restoring ACPI PM state", detail=f"got {type(state).__name__}")
-        state.validate()
+        state = self.check_state(state)
         with self._lock:
             self._status, self._enable, self._control = state.pm1_status, state.pm1_enable, state.pm1_control
             self._timer_epoch_ns = self._clock_ns()
             self._timer_offset = state.timer
+            self._update_sci()

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 from kvmpy.devices.irq import IrqLine, NullIrqLine
 from kvmpy.errors import StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import expect_state, versioned
 
 log = logging.getLogger(__name__)
 _guest_log = RateLimitedLog(log)
@@ -60,9 +61,11 @@ _KBD_WITH_ARG = {0xED, 0xF0, 0xF3}
 _AUX_WITH_ARG = {0xE8, 0xF3}
 
 
+@versioned("i8042", 1)
 @dataclass
 class I8042State:
-    """Controller, keyboard and mouse state; `output` is the queue of (byte, from_aux)."""
+    """Controller, keyboard and mouse state; `output` is the queue of (byte, from_aux). This is
+    the live state: the controller keeps one of these and mutates it."""
     command_byte: int = CTR_KBD_INT | CTR_AUX_INT | CTR_SYS | CTR_XLATE
     output_port: int = OUTPORT_RESET | OUTPORT_A20
     last_was_command: bool = False
@@ -87,13 +90,13 @@ class I8042State:
             raise StateError("restoring i8042 state", detail="bad keyboard_pending")
         if self.aux_pending not in _AUX_WITH_ARG | {0}:
             raise StateError("restoring i8042 state", detail="bad aux_pending")
-        if self.scancode_set not in (1, 2, 3):
+        if type(self.scancode_set) is not int or self.scancode_set not in (1, 2, 3):
             raise StateError("restoring i8042 state", detail="scancode_set not 1..3")
         for name in ("last_was_command", "keyboard_scanning", "aux_streaming"):
             if not isinstance(getattr(self, name), bool):
                 raise StateError("restoring i8042 state", detail=f"{name} is not a bool")
-        if len(self.output) > OUTPUT_QUEUE_LIMIT or any(
-                not isinstance(e, tuple) or len(e) != 2 or type(e[0]) is not int
+        if not isinstance(self.output, (list, tuple)) or len(self.output) > OUTPUT_QUEUE_LIMIT or any(
+                not isinstance(e, (tuple, list)) or len(e) != 2 or type(e[0]) is not int
                 or not 0 <= e[0] <= 0xFF or not isinstance(e[1], bool) for e in self.output):
             raise StateError("restoring i8042 state", detail="bad output queue")
 
@@ -116,6 +119,10 @@ class _PortView:
 
 
 class I8042:
+    """The controller; its two ports are the bus devices `data_port` and `command_port`."""
+
+    DEVICE_KIND: ClassVar[str] = "i8042"
+
     def __init__(self, on_reset: Callable[[], None], kbd_irq: IrqLine | None = None,
                  aux_irq: IrqLine | None = None):
         self.on_reset = on_reset
@@ -341,15 +348,21 @@ class I8042:
             s = self._s
             return I8042State(**{**vars(s), "output": list(s.output)})
 
+    def check_state(self, state: object) -> I8042State:
+        """Validate `state` without touching the controller."""
+        checked = expect_state(state, I8042State, "i8042 state")
+        checked.validate()
+        return checked
+
     def restore(self, state: I8042State) -> None:
-        if not isinstance(state, I8042State):
-            raise StateError("restoring i8042 state", detail=f"got {type(state).__name__}")
-        state.validate()
+        state = self.check_state(state)
         with self._lock:
             self._load(state)
 
     def _load(self, state: I8042State) -> None:
-        self._s = I8042State(**{**vars(state), "output": list(state.output)})
+        # A copy, so the caller's value never aliases the live state; entries as tuples (a
+        # stream codec may hand them back as lists).
+        self._s = I8042State(**{**vars(state), "output": [(e[0], e[1]) for e in state.output]})
         self._levels = self._wanted_levels()
         self.kbd_irq.set_level(self._levels[0])
         self.aux_irq.set_level(self._levels[1])

@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, ClassVar, TypeVar
 
 from kvmpy.errors import StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import expect_state, versioned
 
 log = logging.getLogger(__name__)
 _guest_log = RateLimitedLog(log)
@@ -47,16 +48,24 @@ LEGACY_PROBE_RANGES: tuple[tuple[int, int, str], ...] = (
 )
 
 
-def _check_fields(state: object, context: str, limits: dict[str, int]) -> None:
-    for f in fields(state):  # type: ignore[arg-type]
-        value = getattr(state, f.name)
+S = TypeVar("S")
+COUNTER_LIMIT = (1 << 63) - 1
+
+
+def _checked(state: object, cls: type[S], what: str, limits: dict[str, int]) -> S:
+    """The state as `cls`, every int field within [0, limits[name]] and every other a bool."""
+    checked = expect_state(state, cls, what)
+    for f in fields(checked):  # type: ignore[arg-type]
+        value = getattr(checked, f.name)
         if f.name in limits:
             if type(value) is not int or not 0 <= value <= limits[f.name]:
-                raise StateError(context, detail=f"{f.name}={value!r}")
+                raise StateError(f"restoring {what}", detail=f"{f.name}={value!r}")
         elif not isinstance(value, bool):
-            raise StateError(context, detail=f"{f.name} is not a bool")
+            raise StateError(f"restoring {what}", detail=f"{f.name} is not a bool")
+    return checked
 
 
+@versioned("port80", 1)
 @dataclass
 class PostCodeState:
     last_code: int = 0
@@ -66,6 +75,8 @@ class PostCodeState:
 class PostCodePort:
     """Port 0x80: firmware POST codes and Linux's I/O delay. Swallows writes, remembers the
     last value. This is on a hot path (one exit per outb_p), so it does almost nothing."""
+
+    DEVICE_KIND: ClassVar[str] = "port80"
 
     def __init__(self) -> None:
         self.last_code = 0
@@ -85,11 +96,12 @@ class PostCodePort:
     def state(self) -> PostCodeState:
         return PostCodeState(self.last_code, self.writes)
 
+    def check_state(self, state: object) -> PostCodeState:
+        return _checked(state, PostCodeState, "port 0x80 state",
+                        {"last_code": 0xFF, "writes": COUNTER_LIMIT})
+
     def restore(self, state: PostCodeState) -> None:
-        if not isinstance(state, PostCodeState):
-            raise StateError("restoring port 0x80 state", detail=f"got {type(state).__name__}")
-        _check_fields(state, "restoring port 0x80 state", {"last_code": 0xFF,
-                                                           "writes": (1 << 63) - 1})
+        state = self.check_state(state)
         self.last_code, self.writes = state.last_code, state.writes
 
 
@@ -97,6 +109,7 @@ A20_ENABLE = 0x02
 FAST_RESET = 0x01
 
 
+@versioned("port92", 1)
 @dataclass
 class FastA20State:
     value: int = A20_ENABLE
@@ -105,6 +118,8 @@ class FastA20State:
 class FastA20Port:
     """Port 0x92 (PS/2 system control port A): bit 1 gates A20 (recorded only: KVM does not
     emulate A20 masking), a 0 -> 1 transition of bit 0 resets the machine via `on_reset`."""
+
+    DEVICE_KIND: ClassVar[str] = "port92"
 
     def __init__(self, on_reset: Callable[[], None]):
         self.on_reset = on_reset
@@ -134,10 +149,14 @@ class FastA20Port:
     def state(self) -> FastA20State:
         return FastA20State(self._value)
 
+    def check_state(self, state: object) -> FastA20State:
+        checked = _checked(state, FastA20State, "port 0x92 state", {"value": 0xFF})
+        if checked.value & ~(A20_ENABLE | FAST_RESET):
+            raise StateError("restoring port 0x92 state", detail=f"value={checked.value:#x}")
+        return checked
+
     def restore(self, state: FastA20State) -> None:
-        if not isinstance(state, FastA20State):
-            raise StateError("restoring port 0x92 state", detail=f"got {type(state).__name__}")
-        _check_fields(state, "restoring port 0x92 state", {"value": A20_ENABLE | FAST_RESET})
+        state = self.check_state(state)
         with self._lock:
             self._value = state.value
 
@@ -150,6 +169,7 @@ OUT2 = 0x20
 OUT2_DELAY_READS = 64
 
 
+@versioned("port61", 1)
 @dataclass
 class SystemControlBState:
     value: int = 0
@@ -159,6 +179,8 @@ class SystemControlBState:
 
 class SystemControlPortB:
     """Port 0x61 fallback (see the module docstring for when to use it instead of KVM's)."""
+
+    DEVICE_KIND: ClassVar[str] = "port61"
 
     def __init__(self, out2_delay_reads: int = OUT2_DELAY_READS):
         self.out2_delay_reads = out2_delay_reads
@@ -194,16 +216,21 @@ class SystemControlPortB:
         with self._lock:
             return SystemControlBState(self._value, self._refresh, self._reads_since_gate)
 
+    def check_state(self, state: object) -> SystemControlBState:
+        checked = _checked(state, SystemControlBState, "port 0x61 state",
+                           {"value": 0xFF, "reads_since_gate": self.out2_delay_reads})
+        if checked.value & ~PORTB_WRITABLE:
+            raise StateError("restoring port 0x61 state", detail=f"value={checked.value:#x}")
+        return checked
+
     def restore(self, state: SystemControlBState) -> None:
-        if not isinstance(state, SystemControlBState):
-            raise StateError("restoring port 0x61 state", detail=f"got {type(state).__name__}")
-        _check_fields(state, "restoring port 0x61 state",
-                      {"value": PORTB_WRITABLE, "reads_since_gate": self.out2_delay_reads})
+        state = self.check_state(state)
         with self._lock:
             self._value, self._refresh = state.value, state.refresh
             self._reads_since_gate = state.reads_since_gate
 
 
+@versioned("probe-sink", 1)
 @dataclass
 class ProbeSinkState:
     reads: int = 0
@@ -213,6 +240,8 @@ class ProbeSinkState:
 class ProbeSink:
     """An absent ISA device: reads return all-ones, writes are dropped, both are counted and
     logged at debug level (rate-limited), so probes of absent hardware are quiet and cheap."""
+
+    DEVICE_KIND: ClassVar[str] = "probe-sink"
 
     def __init__(self, name: str):
         self.name = name
@@ -236,12 +265,12 @@ class ProbeSink:
     def state(self) -> ProbeSinkState:
         return ProbeSinkState(self.reads, self.writes)
 
+    def check_state(self, state: object) -> ProbeSinkState:
+        return _checked(state, ProbeSinkState, f"{self.name} state",
+                        {"reads": COUNTER_LIMIT, "writes": COUNTER_LIMIT})
+
     def restore(self, state: ProbeSinkState) -> None:
-        if not isinstance(state, ProbeSinkState):
-            raise StateError(f"restoring {self.name} state",
-                             detail=f"got {type(state).__name__}")
-        limit = (1 << 63) - 1
-        _check_fields(state, f"restoring {self.name} state", {"reads": limit, "writes": limit})
+        state = self.check_state(state)
         self.reads, self.writes = state.reads, state.writes
 
 

@@ -22,11 +22,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, ClassVar
 
 from kvmpy.devices.irq import IrqLine, NullIrqLine
 from kvmpy.errors import StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import check_bytes, check_int, expect_state, versioned
 
 log = logging.getLogger(__name__)
 _guest_log = RateLimitedLog(log)
@@ -60,6 +61,8 @@ CMOS_MEM_ABOVE_4G = 0x5B         # 24-bit, 64 KiB units above 4 GiB
 CMOS_CHECKSUM = 0x2E             # 16-bit big-endian sum of 0x10..0x2D
 MiB = 1 << 20
 MAX_OFFSET_S = 1500 * 366 * 86400   # keeps guest time inside datetime's years 1..9999
+MAX_PERIOD_US = 500_000             # the slowest periodic rate (2 Hz)
+MAX_GUEST_SECOND = 1 << 40          # far beyond year 9999 in either direction
 
 
 def _default_cmos() -> bytes:
@@ -68,34 +71,37 @@ def _default_cmos() -> bytes:
     return bytes(ram)
 
 
+@versioned("rtc-mc146818", 1)
 @dataclass
 class RtcState:
+    """CMOS RAM and the clock, in integers only so the state means the same on another host and
+    in another process: the guest's offset from the host clock is whole seconds (the guest can
+    only set whole seconds) and the next periodic flag is kept relative to the moment the state
+    was taken, not as a host-clock time."""
     cmos: bytes = field(default_factory=_default_cmos)
     index: int = 0
     nmi_disabled: bool = False
-    offset_s: float = 0.0          # guest RTC time minus host clock
-    last_second: int = 0           # guest second at the last flag update
-    periodic_due: float = 0.0      # host clock time of the next periodic flag
+    offset_s: int = 0               # guest RTC time minus host clock, whole seconds
+    last_second: int = 0            # guest second at the last flag update
+    periodic_remaining_us: int = 0  # time until the next periodic flag (0: due now)
 
     def validate(self) -> None:
-        if not isinstance(self.cmos, (bytes, bytearray)) or len(self.cmos) != CMOS_SIZE:
-            raise StateError("restoring RTC state", detail="cmos must be 128 bytes")
-        if type(self.index) is not int or not 0 <= self.index < CMOS_SIZE:
-            raise StateError("restoring RTC state", detail=f"index={self.index!r}")
-        if not isinstance(self.nmi_disabled, bool) or type(self.last_second) is not int:
-            raise StateError("restoring RTC state", detail="bad nmi_disabled/last_second")
-        for name in ("offset_s", "periodic_due"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise StateError("restoring RTC state", detail=f"{name}={value!r}")
-        if abs(self.offset_s) > MAX_OFFSET_S:
-            raise StateError("restoring RTC state", detail="offset_s beyond +-1500 years")
-        if self.cmos[REG_C] & 0x0F or self.cmos[REG_A] & A_UIP:
-            raise StateError("restoring RTC state", detail="reserved bits set in A/C")
+        what = "RTC state"
+        cmos = check_bytes(what, "cmos", self.cmos, size=CMOS_SIZE)
+        check_int(what, "index", self.index, hi=CMOS_SIZE - 1)
+        if not isinstance(self.nmi_disabled, bool):
+            raise StateError(f"restoring {what}", detail="nmi_disabled is not a bool")
+        check_int(what, "offset_s", self.offset_s, lo=-MAX_OFFSET_S, hi=MAX_OFFSET_S)
+        check_int(what, "last_second", self.last_second, lo=-MAX_GUEST_SECOND, hi=MAX_GUEST_SECOND)
+        check_int(what, "periodic_remaining_us", self.periodic_remaining_us, hi=MAX_PERIOD_US)
+        if cmos[REG_C] & 0x0F or cmos[REG_A] & A_UIP:
+            raise StateError(f"restoring {what}", detail="reserved bits set in A/C")
 
 
 class CmosRtc:
     """Register at `RTC_PORT` with length 2 (offset 0 = index, offset 1 = data)."""
+
+    DEVICE_KIND: ClassVar[str] = "mc146818rtc"
 
     def __init__(self, irq: IrqLine | None = None, clock: Callable[[], float] = time.time):
         self.irq = irq or NullIrqLine()
@@ -254,7 +260,7 @@ class CmosRtc:
             _guest_log.warning(("rtc", "bad-time"), "rtc: guest wrote an invalid time (%s); "
                                "keeping the old one", e)
             return
-        offset = dt.timestamp() - math.floor(now)   # keep the host's sub-second phase
+        offset = round(dt.timestamp()) - math.floor(now)   # keep the host's sub-second phase
         if abs(offset) > MAX_OFFSET_S:
             _guest_log.warning(("rtc", "far-time"), "rtc: guest set the clock to %s, too far "
                                "from the host's; keeping the old time", dt.isoformat())
@@ -308,21 +314,27 @@ class CmosRtc:
 
     def state(self) -> RtcState:
         with self._lock:
+            remaining = self._periodic_due - self.clock()
+            remaining_us = min(max(round(remaining * 1e6), 0), MAX_PERIOD_US)
             return RtcState(cmos=bytes(self._cmos), index=self._index,
                             nmi_disabled=self._nmi_disabled, offset_s=self._offset,
-                            last_second=self._last_second, periodic_due=self._periodic_due)
+                            last_second=self._last_second, periodic_remaining_us=remaining_us)
+
+    def check_state(self, state: object) -> RtcState:
+        """Validate `state` without touching the RTC."""
+        checked = expect_state(state, RtcState, "RTC state")
+        checked.validate()
+        return checked
 
     def restore(self, state: RtcState) -> None:
-        if not isinstance(state, RtcState):
-            raise StateError("restoring RTC state", detail=f"got {type(state).__name__}")
-        state.validate()
+        state = self.check_state(state)
         with self._lock:
             self._load(state)
 
     def _load(self, state: RtcState) -> None:
         self._cmos = bytearray(state.cmos)
         self._index, self._nmi_disabled = state.index, state.nmi_disabled
-        self._offset, self._last_second = float(state.offset_s), state.last_second
-        self._periodic_due = float(state.periodic_due)
+        self._offset, self._last_second = state.offset_s, state.last_second
+        self._periodic_due = self.clock() + state.periodic_remaining_us / 1e6
         self._irq_level = bool(self._cmos[REG_C] & C_IRQF)
         self.irq.set_level(self._irq_level)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 from kvmpy.devices.irq import IrqLine
 from kvmpy.errors import StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import check_bytes, check_int, expect_state, versioned
 
 log = logging.getLogger(__name__)
 _guest_log = RateLimitedLog(log)
@@ -97,6 +98,7 @@ MSR_IDLE_LINES = MSR_DCD | MSR_DSR | MSR_CTS
 OutputSink = Callable[[bytes], object]
 
 
+@versioned("serial-16550", 1)
 @dataclass
 class SerialState:
     """Everything a 16550 needs to resume where it was (registers, FIFO, host backlog)."""
@@ -114,30 +116,26 @@ class SerialState:
     backlog: bytes = b""
 
     def validate(self, backlog_limit: int) -> None:
-        for name, value, mask in (("dll", self.dll, 0xFF), ("dlm", self.dlm, 0xFF),
-                                  ("ier", self.ier, IER_MASK), ("lcr", self.lcr, 0xFF),
-                                  ("mcr", self.mcr, MCR_MASK), ("scr", self.scr, 0xFF),
-                                  ("fcr", self.fcr, FCR_KEEP),
-                                  ("lsr_errors", self.lsr_errors, LSR_ERRORS),
-                                  ("msr_deltas", self.msr_deltas, MSR_DELTAS)):
-            if not isinstance(value, int) or value < 0 or value & ~mask:
-                raise StateError("restoring serial state", detail=f"{name}={value!r} invalid")
+        """Raise StateError unless every register holds only bits the guest could have set and
+        the FIFO/backlog fit this UART (the state may come from an untrusted stream)."""
+        what = "serial state"
+        for name, mask in (("dll", 0xFF), ("dlm", 0xFF), ("ier", IER_MASK), ("lcr", 0xFF),
+                           ("mcr", MCR_MASK), ("scr", 0xFF), ("fcr", FCR_KEEP),
+                           ("lsr_errors", LSR_ERRORS), ("msr_deltas", MSR_DELTAS)):
+            value = check_int(what, name, getattr(self, name), bits=8)
+            if value & ~mask:
+                raise StateError(f"restoring {what}", detail=f"{name}={value:#x} has reserved bits")
         if not isinstance(self.thr_pending, bool):
-            raise StateError("restoring serial state", detail="thr_pending is not a bool")
-        if not isinstance(self.rx_fifo, (bytes, bytearray)) or \
-                not isinstance(self.backlog, (bytes, bytearray)):
-            raise StateError("restoring serial state", detail="rx_fifo/backlog must be bytes")
+            raise StateError(f"restoring {what}", detail="thr_pending is not a bool")
         capacity = RX_FIFO_SIZE if self.fcr & FCR_ENABLE else 1
-        if len(self.rx_fifo) > capacity:
-            raise StateError("restoring serial state",
-                             detail=f"rx_fifo holds {len(self.rx_fifo)} bytes > {capacity}")
-        if len(self.backlog) > backlog_limit:
-            raise StateError("restoring serial state",
-                             detail=f"backlog {len(self.backlog)} bytes > {backlog_limit}")
+        check_bytes(what, "rx_fifo", self.rx_fifo, max_size=capacity)
+        check_bytes(what, "backlog", self.backlog, max_size=backlog_limit)
 
 
 class Serial16550:
     """One 16550A UART. Register it on the port-I/O bus with length `REGISTER_WINDOW`."""
+
+    DEVICE_KIND: ClassVar[str] = "isa-serial"
 
     def __init__(self, irq: IrqLine, output: OutputSink | None = None, *,
                  backlog_limit: int = DEFAULT_BACKLOG, name: str = "com1"):
@@ -389,10 +387,14 @@ class Serial16550:
                                thr_pending=self._thr_pending, rx_fifo=bytes(self._rx),
                                backlog=bytes(self._backlog))
 
+    def check_state(self, state: object) -> SerialState:
+        """Validate `state` for this UART (its backlog limit) without touching it."""
+        checked = expect_state(state, SerialState, "serial state")
+        checked.validate(self.backlog_limit)
+        return checked
+
     def restore(self, state: SerialState) -> None:
-        if not isinstance(state, SerialState):
-            raise StateError("restoring serial state", detail=f"got {type(state).__name__}")
-        state.validate(self.backlog_limit)
+        state = self.check_state(state)
         with self._lock:
             self._load(state)
             self._space.notify_all()

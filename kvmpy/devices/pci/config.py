@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, ClassVar, Protocol
 
 from kvmpy.devices.irq import IrqLine
 from kvmpy.errors import DeviceError, StateError
+from kvmpy.state import check_bytes, expect_state, versioned
 
 log = logging.getLogger(__name__)
 
 PCI_CONFIG_SIZE = 256
+_ALL_CONFIG_BITS = (1 << 8 * PCI_CONFIG_SIZE) - 1
 PCI_VENDOR_ID, PCI_DEVICE_ID, PCI_COMMAND, PCI_STATUS = 0x00, 0x02, 0x04, 0x06
 PCI_REVISION, PCI_CLASS_PROG, PCI_CACHE_LINE, PCI_LATENCY, PCI_HEADER_TYPE = 0x08, 0x09, 0x0C, 0x0D, 0x0E
 PCI_BAR0, PCI_SUBSYSTEM_VENDOR_ID, PCI_SUBSYSTEM_ID, PCI_ROM = 0x10, 0x2C, 0x2E, 0x30
@@ -62,8 +64,12 @@ class BarRegion:
         return f"<BAR{self.index} of {self.function.name}>"
 
 
+@versioned("pci-function", 1)
 @dataclass
 class PciFunctionState:
+    """The 256-byte configuration space. Everything else a function keeps (BAR placement, INTx
+    level) is derived from it: the decoded BARs from the BAR registers and the command
+    register, the INTx level from the status register's interrupt bit."""
     config: bytes
 
 
@@ -71,7 +77,14 @@ BarMovedCallback = Callable[["PciFunction", int, "int | None", "int | None"], No
 
 
 class PciFunction:
-    """Config space and BAR bookkeeping shared by every PCI device (and the host bridge)."""
+    """Config space and BAR bookkeeping shared by every PCI device (and the host bridge).
+
+    State: `state()`/`check_state()`/`restore()` cover the config space. A subclass with more
+    state (virtio-pci) overrides all three with a state that nests this one as its `pci` part,
+    and handles that part with `_check_config_space`/`_load_config_space` (not overridden, so
+    they mean the same in every subclass), validating everything before applying anything."""
+
+    DEVICE_KIND: ClassVar[str] = "pci-device"
 
     def __init__(self, name: str, vendor_id: int, device_id: int, class_code: int, revision: int = 0,
                  subsystem_vendor_id: int = 0, subsystem_id: int = 0, irq_pin: int = 0):
@@ -237,17 +250,35 @@ class PciFunction:
             self.intx.set_level(self._intx_level and not self.command & CMD_INTX_DISABLE)
 
     # -- state --------------------------------------------------------------------------------
-    def pci_state(self) -> PciFunctionState:
+    def state(self) -> PciFunctionState:
         return PciFunctionState(bytes(self.config))
 
-    def pci_restore(self, s: PciFunctionState) -> None:
-        cfg = s.config
-        if not isinstance(cfg, (bytes, bytearray)) or len(cfg) != PCI_CONFIG_SIZE:
-            raise StateError(f"restoring {self.name} config space", detail="must be 256 bytes")
-        ro = bytes(~m & 0xFF for m in self._wmask)
-        for i in range(0x40):  # the header's read-only fields must match this device exactly
-            if (cfg[i] ^ self.config[i]) & ro[i] and i not in (PCI_STATUS, PCI_STATUS + 1):
-                raise StateError(f"restoring {self.name} config space", detail=f"read-only byte {i:#x} differs")
-        self.config[:] = cfg
+    def check_state(self, state: object) -> PciFunctionState:
+        return self._check_config_space(state)
+
+    def restore(self, state: PciFunctionState) -> None:
+        self._load_config_space(self._check_config_space(state))
+
+    def _check_config_space(self, state: object) -> PciFunctionState:
+        """Validate a config space for this function without touching it: 256 bytes whose
+        read-only bits (IDs, class, BAR type and size bits, the capability list) are exactly
+        this function's, so a stream cannot give the guest another device."""
+        what = f"{self.name} config space"
+        s = expect_state(state, PciFunctionState, what)
+        cfg = check_bytes(what, "config", s.config, size=PCI_CONFIG_SIZE)
+        # All 256 bytes at once as one integer (a per-byte loop was most of a restore's time):
+        # the read-only bits are those the write mask does not cover, less the status
+        # register's interrupt bit (it mirrors the INTx level, restored from it).
+        read_only = ~int.from_bytes(self._wmask, "little") & _ALL_CONFIG_BITS & ~(STATUS_INTERRUPT << 8 * PCI_STATUS)
+        differ = (int.from_bytes(cfg, "little") ^ int.from_bytes(self.config, "little")) & read_only
+        if differ:
+            i = ((differ & -differ).bit_length() - 1) // 8     # the lowest differing byte
+            raise StateError(f"restoring {what}", detail=f"read-only byte {i:#x} differs")
+        return s
+
+    def _load_config_space(self, s: PciFunctionState) -> None:
+        """Load a checked config space; re-derive the BAR mappings and the INTx line from it."""
+        self.config[:] = s.config
+        self._intx_level = bool(self.config[PCI_STATUS] & STATUS_INTERRUPT)
         self._update_mappings()
         self._update_intx()

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 from kvmpy.devices.bus import Bus
 from kvmpy.devices.irq import IrqLine
 from kvmpy.devices.pci.config import (CMD_MEMORY, PCI_COMMAND, PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN,
-                                      BarRegion, PciFunction)
-from kvmpy.errors import BusError, ConfigError
+                                      BarRegion, PciFunction, PciFunctionState)
+from kvmpy.errors import BusError, ConfigError, StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import check_int, expect_state, versioned
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,13 @@ CONFIG_PORT_LENGTH = 8
 BAR_WINDOW_START = 0xC000_0000
 BAR_WINDOW_END = 0xFEC0_0000  # the IOAPIC (0xFEC00000) and LAPIC (0xFEE00000) sit above
 MAX_DEVICES = 32
+CONFIG_ADDRESS_MASK = 0x80FF_FFFC   # enable, bus, device, function, register (dword-aligned)
 
 
 class PciHostBridge(PciFunction):
     """Device 0: an i440FX-like host bridge so guests recognise the bus."""
+
+    DEVICE_KIND: ClassVar[str] = "i440FX"
 
     def __init__(self) -> None:
         super().__init__("pci-host-bridge", vendor_id=0x8086, device_id=0x1237, class_code=0x060000)
@@ -55,8 +59,19 @@ class IntxRoute:
     gsi: int
 
 
+@versioned("pci-root", 1)
+@dataclass
+class PciRootState:
+    """The 0xCF8 address latch and the host bridge's config space. The other functions on the
+    bus are devices of their own (each with its state); which slot holds which is configuration."""
+    config_address: int
+    host_bridge: PciFunctionState
+
+
 class PciRoot:
     """Bus 0 with configuration mechanism #1; a port-bus device at 0xCF8..0xCFF."""
+
+    DEVICE_KIND: ClassVar[str] = "i440FX-pcihost"
 
     def __init__(self, mmio_bus: Bus | None = None, allocator: BarAllocator | None = None,
                  on_bar_moved: Callable[[PciFunction, int, int | None, int | None], None] | None = None):
@@ -69,7 +84,8 @@ class PciRoot:
         self._sync_latch: Callable[[], None] | None = None
         self._address = 0
         self._ratelog = RateLimitedLog(log)
-        self.add(PciHostBridge(), slot=0)
+        self.host_bridge = PciHostBridge()
+        self.add(self.host_bridge, slot=0)
 
     def add(self, function: PciFunction, slot: int | None = None, intx: IrqLine | None = None,
             gsi: int | None = None) -> int:
@@ -166,7 +182,7 @@ class PciRoot:
         size = len(data)
         if offset < 4:
             if offset == 0 and size == 4:
-                self.address = int.from_bytes(data, "little") & 0x80FF_FFFC
+                self.address = int.from_bytes(data, "little") & CONFIG_ADDRESS_MASK
             return
         a = self.address
         fn = self._target(a)
@@ -176,3 +192,24 @@ class PciRoot:
 
     def __repr__(self) -> str:
         return "<PciRoot cf8>"
+
+    # -- state --------------------------------------------------------------------------------
+    def state(self) -> PciRootState:
+        """The latch as the guest last wrote it: reading `address` syncs it with KVM's
+        coalesced ring first (a 0xCF8 write may still sit there)."""
+        return PciRootState(self.address, self.host_bridge.state())
+
+    def check_state(self, state: object) -> PciRootState:
+        """Validate without touching the bus: a latch value the guest could have written and a
+        config space that is this host bridge's."""
+        s = expect_state(state, PciRootState, "PCI root state")
+        if check_int("PCI root state", "config_address", s.config_address, bits=32) & ~CONFIG_ADDRESS_MASK:
+            raise StateError("restoring PCI root state",
+                             detail=f"config_address={s.config_address:#x} has reserved bits")
+        self.host_bridge.check_state(s.host_bridge)
+        return s
+
+    def restore(self, state: PciRootState) -> None:
+        s = self.check_state(state)
+        self.host_bridge.restore(s.host_bridge)
+        self.address = s.config_address

@@ -14,6 +14,7 @@ from typing import Callable
 from kvmpy.devices.irq import MsiSink
 from kvmpy.devices.pci.config import CAP_ID_MSIX, PciFunction
 from kvmpy.errors import DeviceError, StateError
+from kvmpy.state import check_bytes, check_int, expect_state, versioned
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,11 @@ class MsixVector:
     masked: bool
 
 
+@versioned("msix", 1)
 @dataclass
 class MsixState:
+    """The vector table as the guest sees it and the pending bits (one per vector). The enable
+    and function-mask bits live in config space (the function's state)."""
     table: bytes
     pending: int
 
@@ -160,11 +164,23 @@ class MsixCapability:
     def state(self) -> MsixState:
         return MsixState(bytes(self.table), self.pending)
 
-    def restore(self, s: MsixState) -> None:
-        if not isinstance(s.table, (bytes, bytearray)) or len(s.table) != self.table_size:
-            raise StateError("restoring MSI-X table", detail=f"expected {self.table_size} bytes")
-        if not isinstance(s.pending, int) or not 0 <= s.pending < 1 << self.num_vectors:
-            raise StateError("restoring MSI-X pending bits", detail=f"{s.pending!r} out of range")
+    def check_state(self, state: object) -> MsixState:
+        """Validate without touching the table: this capability's table size, pending bits only
+        for existing vectors, and vector-control words with only the mask bit (all the guest
+        can set)."""
+        what = f"{self.function.name} MSI-X state"
+        s = expect_state(state, MsixState, what)
+        table = check_bytes(what, "table", s.table, size=self.table_size)
+        check_int(what, "pending", s.pending, bits=self.num_vectors)
+        for v in range(self.num_vectors):
+            control = table[v * ENTRY_SIZE + 12:(v + 1) * ENTRY_SIZE]
+            if control[0] & ~VECTOR_MASKED or any(control[1:]):
+                raise StateError(f"restoring {what}", detail=f"vector {v} control has reserved bits")
+        return s
+
+    def restore(self, state: MsixState) -> None:
+        """Check, then load and tell the composer about every vector (irqfd routes)."""
+        s = self.check_state(state)
         self.table[:] = s.table
         self.pending = s.pending
         if self.on_vector_changed is not None:

@@ -5,29 +5,34 @@ With cache=none (as QEMU's) aligned requests use a second, O_DIRECT descriptor, 
 cache is bypassed and the host's disk DMAs into guest RAM; unaligned ones use the buffered fd.
 Every request is checked (header size, sector range, 512-byte multiples, segment lists) and a
 bad one is answered IOERR/UNSUPP; only a broken ring resets the device. The image is locked with
-flock (exclusive, or shared when read-only) so two VMs cannot write one disk.
+flock (exclusive, or shared when read-only) so two VMs cannot write one disk; live migration
+hands it over (imagelock.py), and a device without it leaves requests in the ring.
 With the C data path (fastpath.py) plain reads and writes run in C, GIL released; it hands every
 other request (flush, get-id, discard, odd layouts, refusals this code logs) back to `_handle`.
+Block migration (kvmpy.migrate.block) tracks the blocks written through both paths in one
+DirtyBlocks map (blkdirty.py): `start_dirty_tracking()` / `stop_dirty_tracking()`.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from kvmpy.devices.virtio import fastpath
+from kvmpy.devices.virtio.blkdirty import DirtyBlocks
 from kvmpy.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from kvmpy.devices.virtio.imagelock import ImageLock
 from kvmpy.devices.virtio.drive import CACHE_MODES, ID_BYTES, DriveSpec, parse_drive_spec  # noqa: F401
 from kvmpy.devices.virtio.queue import DescChain, Virtqueue, slice_segments
 from kvmpy.memslots import GuestMemory
 from kvmpy.errors import ConfigError, DeviceError, StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import check_int, expect_state, versioned
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +77,28 @@ def _image_bytes(fd: int, path: str) -> int:
     raise ConfigError(f"opening disk image {path!r}", detail="not a regular file or block device")
 
 
+@versioned("virtio-blk", 1)
 @dataclass
 class BlkState:
+    """What the guest's driver has read from this disk and relies on: its size, whether it is
+    read-only, its serial (GET_ID). Restore refuses a disk that differs, rather than let the
+    guest write past the end of a smaller image.
+
+    Nothing about open files (path, descriptors, O_DIRECT, locks: configuration, reopened by
+    the destination) and no request: requests are synchronous, each popped chain is answered
+    (data moved, status written, chain pushed) before `process_queue` returns, under the
+    transport's lock, and a paused machine has processed every queue (the pause quiesces the
+    I/O loop). So no request is half done when the state is taken; the queue state (avail and
+    used positions, in the transport's state) says everything about requests."""
     capacity: int
     readonly: bool
     serial: str
 
 
 class VirtioBlk(VirtioDevice):
+    """A raw image as a virtio disk (QEMU's virtio-blk)."""
+
+    DEVICE_KIND: ClassVar[str] = "virtio-blk"
     device_type = VIRTIO_ID_BLOCK
     num_queues = 1
     name = "blk"
@@ -99,12 +118,11 @@ class VirtioBlk(VirtioDevice):
         except OSError as e:
             raise ConfigError(f"opening disk image {spec.file!r}", errno=e.errno) from None
         try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if spec.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
+            self._lock = ImageLock(self.fd, spec.readonly, spec.file)
+        except DeviceError:
             os.close(self.fd)
             self.fd = -1
-            detail = "it is in use by another VM" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
-            raise DeviceError(f"locking disk image {spec.file!r}", errno=e.errno, detail=detail) from None
+            raise
         self.capacity = _image_bytes(self.fd, spec.file) // SECTOR
         self.direct_fd = -1
         if spec.cache == "none":
@@ -116,6 +134,36 @@ class VirtioBlk(VirtioDevice):
                 raise ConfigError(f"opening disk image {spec.file!r} with O_DIRECT (cache=none)",
                                   errno=e.errno, detail="the filesystem may not support O_DIRECT") from None
         self._cblk = fastpath.new_blk(self.capacity, self.readonly) if fastpath.wanted(fast) else None
+        self.dirty_blocks: DirtyBlocks | None = None       # block migration's map, while it copies
+
+    # -- block migration -----------------------------------------------------------------------
+    def start_dirty_tracking(self) -> DirtyBlocks:
+        """From now on mark every block either data path writes (a fresh, clean map). Under the
+        transport's lock, which every request runs under: C never sees a half-set pointer."""
+        with self.lock:
+            dirty = DirtyBlocks(self.capacity * SECTOR)
+            self.dirty_blocks = dirty
+            if self._cblk is not None and dirty.c_pointer is not None:
+                self._cblk.dirty_blocks, self._cblk.block_shift = dirty.blocks, dirty.shift
+                self._cblk.dirty = dirty.c_pointer
+            return dirty
+
+    def stop_dirty_tracking(self) -> None:
+        with self.lock:
+            self.dirty_blocks = None
+            if self._cblk is not None:
+                self._cblk.dirty = fastpath.ffi.NULL
+
+    @property
+    def lock_pending(self) -> bool:
+        """The image's lock is elsewhere (migration handover): no request is served."""
+        return self._lock.pending
+
+    def unlock(self) -> None:
+        self._lock.unlock()
+
+    def take_lock(self, timeout_s: float = 0.0) -> None:
+        self._lock.take(timeout_s)
 
     def close(self) -> None:
         if self.direct_fd >= 0:
@@ -148,6 +196,12 @@ class VirtioBlk(VirtioDevice):
 
     def process_queue(self, index: int) -> None:
         q = self.queues[index]
+        if self.lock_pending:
+            try:
+                self.take_lock()
+            except DeviceError as e:    # never write a disk another VM may be writing
+                self._ratelog.warning("lock", "virtio-blk: requests wait: %s", e)
+                return
         pushed = False
         if self._cblk is not None and q.cring is not None:
             self._cblk.fd, self._cblk.direct_fd = self.fd, self.direct_fd
@@ -261,6 +315,7 @@ class VirtioBlk(VirtioDevice):
                 and not any((a | n) % DIRECT_ALIGN for a, n in segs):
             fd = self.direct_fd  # guest RAM is page-aligned host memory: GPA alignment carries over
             self._direct_requests += 1
+        start = offset
         try:
             while views:  # short reads/writes: continue where the syscall stopped
                 batch = views[:IOV_MAX]
@@ -287,6 +342,9 @@ class VirtioBlk(VirtioDevice):
         except OSError as e:
             self._ratelog.warning("io", "%s: %s failed: %s", self.spec.file, "write" if write else "read", e)
             return S_IOERR
+        finally:
+            if write and (dirty := self.dirty_blocks) is not None:     # after the write, even a failed one
+                dirty.mark(start, nbytes)
         return S_OK
 
     def _flush(self) -> int:
@@ -321,6 +379,9 @@ class VirtioBlk(VirtioDevice):
                     self._ratelog.warning("discard", "%s: discard/zero failed: %s", self.spec.file, e)
                     return S_IOERR
                 # discard is only a hint: a filesystem without hole punching simply ignores it
+            finally:
+                if (dirty := self.dirty_blocks) is not None:   # the blocks changed (or may have)
+                    dirty.mark(offset, length)
         return S_OK
 
     def _zero_range(self, offset: int, length: int) -> None:
@@ -335,13 +396,18 @@ class VirtioBlk(VirtioDevice):
                 offset, length = offset + n, length - n
 
     # -- state ---------------------------------------------------------------------------------
-    def device_state(self) -> BlkState:
+    def state(self) -> BlkState:
         return BlkState(self.capacity, self.readonly, self.serial.decode(errors="replace"))
 
-    def restore_device_state(self, state: object) -> None:
-        if not isinstance(state, BlkState):
-            raise StateError(f"restoring virtio-blk {self.spec.file}", detail="not a BlkState")
-        if state.capacity != self.capacity or state.readonly != self.readonly:
-            raise StateError(f"restoring virtio-blk {self.spec.file}",
-                             detail=f"saved disk had {state.capacity} sectors ro={state.readonly}, "
-                                    f"this one {self.capacity} ro={self.readonly}")
+    def check_state(self, state: object) -> BlkState:
+        what = f"virtio-blk {self.spec.file}"
+        s = expect_state(state, BlkState, what)
+        check_int(what, "capacity", s.capacity, bits=64)
+        if not isinstance(s.readonly, bool) or not isinstance(s.serial, str):
+            raise StateError(f"restoring {what}", detail="readonly/serial of the wrong type")
+        mine = self.state()
+        if s != mine:
+            raise StateError(f"restoring {what}",
+                             detail=f"saved disk had {s.capacity} sectors ro={s.readonly} serial={s.serial!r}, "
+                                    f"this one {mine.capacity} ro={mine.readonly} serial={mine.serial!r}")
+        return s

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from kvmpy.devices.virtio.device import VIRTIO_ID_CONSOLE, VirtioDevice
-from kvmpy.errors import StateError
 from kvmpy.ratelimit import RateLimitedLog
+from kvmpy.state import check_bytes, expect_state, versioned
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,18 @@ class ConsoleSink(Protocol):
     def write(self, data: bytes) -> object: ...
 
 
+@versioned("virtio-console", 1)
 @dataclass
 class ConsoleState:
+    """Host input accepted but not yet delivered (the guest had posted no receive buffer).
+    Output is never buffered here: each transmit chain goes to the sink before it is returned."""
     pending_input: bytes
 
 
 class VirtioConsole(VirtioDevice):
+    """One console port, hvc0 (QEMU's virtio-serial with a virtconsole on it)."""
+
+    DEVICE_KIND: ClassVar[str] = "virtio-serial"
     device_type = VIRTIO_ID_CONSOLE
     num_queues = 2
     name = "console"
@@ -92,6 +98,8 @@ class VirtioConsole(VirtioDevice):
         while self._pending and (chain := q.pop()) is not None:
             written = 0
             for addr, n in chain.writable:
+                if n == 0:              # a zero-length buffer first must not end the chain
+                    continue
                 piece = self._pending[written:written + n]
                 if not piece:
                     break
@@ -103,11 +111,16 @@ class VirtioConsole(VirtioDevice):
         if pushed:
             self.signal_used(q)
 
-    def device_state(self) -> ConsoleState:
-        return ConsoleState(bytes(self._pending))
+    def state(self) -> ConsoleState:
+        with self.lock:
+            return ConsoleState(bytes(self._pending))
 
-    def restore_device_state(self, state: object) -> None:
-        if not isinstance(state, ConsoleState) or not isinstance(state.pending_input, (bytes, bytearray)) \
-                or len(state.pending_input) > MAX_PENDING_INPUT:
-            raise StateError("restoring virtio-console", detail="bad or oversized pending input")
-        self._pending = bytearray(state.pending_input)
+    def check_state(self, state: object) -> ConsoleState:
+        s = expect_state(state, ConsoleState, "virtio-console state")
+        check_bytes("virtio-console state", "pending_input", s.pending_input, max_size=MAX_PENDING_INPUT)
+        return s
+
+    def restore(self, state: ConsoleState) -> None:
+        state = self.check_state(state)
+        with self.lock:
+            self._pending = bytearray(state.pending_input)

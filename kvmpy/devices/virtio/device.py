@@ -7,9 +7,10 @@ event-loop thread, under the transport's lock.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from kvmpy.devices.virtio.queue import Virtqueue
+from kvmpy.errors import StateError
 from kvmpy.memslots import GuestMemory
 
 # Status bits (virtio 1.2 section 2.1)
@@ -30,9 +31,15 @@ VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_RNG = 1, 2, 3, 4
 
 
 class VirtioDevice:
-    """Base for backends. Subclasses set `device_type`, `num_queues`, and override
-    `device_features`, `config_bytes`, `process_queue` (and `reset`, state hooks)."""
+    """Base for backends. Subclasses set `device_type`, `num_queues`, `DEVICE_KIND`, and override
+    `device_features`, `config_bytes`, `process_queue` (and `reset`, and `state`,
+    `check_state` and `restore` when they keep state beyond their queues).
 
+    A backend's state is only what the transport's state does not already hold (registers,
+    queues and negotiated features are the transport's); it is nested in the transport's
+    VirtioPciState as `device`, and validated with everything else before anything is applied."""
+
+    DEVICE_KIND: ClassVar[str] = "virtio-device"   # QEMU's name; the PCI function adds "-pci"
     device_type = 0
     num_queues = 1
     queue_max_size = 256
@@ -86,8 +93,18 @@ class VirtioDevice:
         if self._interrupt is not None and queue.should_notify():
             self._interrupt(queue)
 
-    def device_state(self) -> Any:
+    # -- state (the base: no state beyond the queues) --------------------------------------------
+    def state(self) -> Any:
         return None
 
-    def restore_device_state(self, state: Any) -> None:
-        """Validate and apply what `device_state` returned (raise StateError if invalid)."""
+    def check_state(self, state: object) -> Any:
+        """Validate a saved backend state without touching the backend; returns it."""
+        if state is not None:
+            raise StateError(f"restoring virtio-{self.name}",
+                             detail=f"expected no backend state, got {type(state).__name__}")
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Validate (`check_state`), then load. The transport calls `check_state` on every part
+        before it restores any, then this: a restore that checks again costs nothing."""
+        self.check_state(state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmpy.errors import ConfigError
+from kvmpy.options import split_options
 
 ID_BYTES = 20               # virtio-blk GET_ID answer: the serial, NUL-padded
 CACHE_MODES = ("writeback", "none")
@@ -19,9 +20,10 @@ class DriveSpec:
 
 
 def parse_drive_spec(text: str) -> DriveSpec:
-    """'file=disk.img[,readonly=on][,serial=...][,cache=none]' -> DriveSpec (raises ConfigError)."""
+    """'file=disk.img[,readonly=on][,serial=...][,cache=none]' -> DriveSpec (raises ConfigError).
+    A comma inside a value is written ",," as in QEMU."""
     opts: dict[str, str] = {}
-    for part in text.split(","):
+    for part in split_options(text):
         if not part:
             continue
         key, sep, value = part.partition("=")
@@ -29,6 +31,8 @@ def parse_drive_spec(text: str) -> DriveSpec:
             raise ConfigError("parsing --drive", detail=f"{part!r} is not key=value")
         if key not in ("file", "readonly", "serial", "format", "if", "cache"):
             raise ConfigError("parsing --drive", detail=f"unknown option {key!r}")
+        if key in opts:
+            raise ConfigError("parsing --drive", detail=f"{key}= is given twice")
         opts[key] = value
     if not opts.get("file"):
         raise ConfigError("parsing --drive", detail=f"{text!r} has no file=")

@@ -62,8 +62,11 @@ class CRing:
                  size: int, event_idx: bool, indirect: bool):
         self._anchors = [mem.buffer(r.gpa, r.size) for r in mem.ranges] + [desc, avail, used]
         self._ram = ffi.new("struct kvmpy_ram[]", max(1, len(mem.ranges)))
-        for slot, r, view in zip(self._ram, mem.ranges, self._anchors):
-            slot.gpa, slot.size, slot.hva = r.gpa, r.size, _pointer(view)
+        dirty_maps = getattr(mem, "dirty_maps", None) or [None] * len(mem.ranges)
+        self._dirty = [ffi.from_buffer("uint8_t[]", m, require_writable=True) if m is not None else ffi.NULL
+                       for m in dirty_maps]          # kept alive with the ring
+        for slot, r, view, dirty in zip(self._ram, mem.ranges, self._anchors, self._dirty):
+            slot.gpa, slot.size, slot.hva, slot.dirty = r.gpa, r.size, _pointer(view), dirty
         vq = self.vq = ffi.new("struct kvmpy_vq *")
         vq.desc, vq.avail, vq.used = _pointer(desc), _pointer(avail), _pointer(used)
         vq.ram, vq.nram, vq.size = self._ram, len(mem.ranges), size
@@ -111,6 +114,8 @@ def blk_process(q: "Virtqueue", ring: CRing, b: Any, handle: Callable[["DescChai
         vq.last_avail_idx, vq.used_idx = q.last_avail_idx, q.used_idx
         rc = lib.kvmpy_blk_run(vq, b, ring.chain)
         q.last_avail_idx, q.used_idx = vq.last_avail_idx, vq.used_idx
+        if q.mem.tracking:      # C marked the buffers it wrote; the used ring is marked here
+            q.mark_used_ring()
         pushed = pushed or b.pushed > 0
         if rc == EMPTY:
             return pushed

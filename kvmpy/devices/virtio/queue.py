@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from kvmpy.devices.virtio import fastpath
 from kvmpy.ioctl._kvm import lib
-from kvmpy.errors import DeviceError, GuestMemoryError, StateError
+from kvmpy.errors import DeviceError, StateError
 from kvmpy.memslots import GuestMemory
+from kvmpy.state import check_int, expect_state, versioned
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -64,8 +65,11 @@ def need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
+@versioned("virtqueue", 1)
 @dataclass
 class VirtqueueState:
+    """The queue registers and the device's ring positions. The rings themselves are guest RAM
+    (migrated with it); the ring views are rebuilt on restore."""
     size: int
     ready: bool
     desc_addr: int
@@ -113,24 +117,29 @@ class Virtqueue:
     def activate(self, event_idx: bool = False, indirect: bool = False) -> None:
         """Validate size and ring addresses (alignment, inside RAM) and cache the ring views."""
         size = self.size
-        if not (0 < size <= self.max_size and size & (size - 1) == 0):
-            raise QueueError(f"activating queue {self.index}", detail=f"size {size} is not a power of 2 <= {self.max_size}")
-        for name, addr, align in (("descriptor table", self.desc_addr, 16), ("avail ring", self.avail_addr, 2),
-                                  ("used ring", self.used_addr, 4)):
-            if addr % align:
-                raise QueueError(f"activating queue {self.index}", detail=f"{name} {addr:#x} not {align}-byte aligned")
-        try:
-            self._desc = self.mem.buffer(self.desc_addr, 16 * size)
-            self._avail = self.mem.buffer(self.avail_addr, 6 + 2 * size)
-            self._used = self.mem.buffer(self.used_addr, 6 + 8 * size)
-        except GuestMemoryError as e:
-            self._desc = self._avail = self._used = None
-            raise QueueError(f"activating queue {self.index}", detail=f"ring outside guest RAM: {e.detail}") from None
+        self.check_layout(size, self.desc_addr, self.avail_addr, self.used_addr)
+        self._desc = self.mem.buffer(self.desc_addr, 16 * size)
+        self._avail = self.mem.buffer(self.avail_addr, 6 + 2 * size)
+        self._used = self.mem.buffer(self.used_addr, 6 + 8 * size)
         self.event_idx = event_idx
         self.indirect = indirect
         self.cring = fastpath.CRing(self.mem, self._desc, self._avail, self._used, size, event_idx,
                                     indirect) if self.fast else None
         self.ready = True
+
+    def check_layout(self, size: int, desc_addr: int, avail_addr: int, used_addr: int) -> None:
+        """Raise QueueError unless these registers describe rings `activate` can use; touches
+        nothing (restore checks a saved queue with it before changing anything)."""
+        if not (0 < size <= self.max_size and size & (size - 1) == 0):
+            raise QueueError(f"activating queue {self.index}", detail=f"size {size} is not a power of 2 <= {self.max_size}")
+        for name, addr, align, length in (("descriptor table", desc_addr, 16, 16 * size),
+                                          ("avail ring", avail_addr, 2, 6 + 2 * size),
+                                          ("used ring", used_addr, 4, 6 + 8 * size)):
+            if addr % align:
+                raise QueueError(f"activating queue {self.index}", detail=f"{name} {addr:#x} not {align}-byte aligned")
+            if not self.mem.contains(addr, length):
+                raise QueueError(f"activating queue {self.index}",
+                                 detail=f"ring outside guest RAM: {name} [{addr:#x}+{length}]")
 
     def deactivate(self) -> None:
         self._desc = self._avail = self._used = None
@@ -159,6 +168,8 @@ class Virtqueue:
             # Publish where we stopped, then look once more so a racing driver is not missed
             # (the fence keeps that load from passing the store).
             _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
+            if self.mem.tracking:
+                self.mark_used_ring()
             lib.kvmpy_mb()
             pending = (_U16.unpack_from(avail, 2)[0] - self.last_avail_idx) & 0xFFFF
             if pending == 0:
@@ -170,10 +181,14 @@ class Virtqueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
             _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
+            if self.mem.tracking:
+                self.mark_used_ring()
         return chain
 
     def _pop_c(self, ring: fastpath.CRing) -> DescChain | None:
         rc, self.last_avail_idx = ring.pop(self.last_avail_idx)
+        if self.mem.tracking and self.event_idx:
+            self.mark_used_ring()               # C published avail_event in the used ring
         if rc == fastpath.CHAIN:
             return DescChain(*ring.parts())
         if rc == fastpath.EMPTY:
@@ -251,6 +266,19 @@ class Virtqueue:
         _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx & (self.size - 1)), chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _U16.pack_into(used, 2, self.used_idx)
+        if self.mem.tracking:   # live migration: what the device wrote is complete now
+            self.mark_written(chain)
+
+    def mark_written(self, chain: DescChain) -> None:
+        """Mark dirty (GuestMemory's userspace map) the chain's writable buffers and the used
+        ring: the device wrote them through views KVM's dirty log cannot see."""
+        mark = self.mem.mark_dirty
+        for addr, length in chain.writable:
+            mark(addr, length)
+        self.mark_used_ring()
+
+    def mark_used_ring(self) -> None:
+        self.mem.mark_dirty(self.used_addr, 6 + 8 * self.size)
 
     def should_notify(self) -> bool:
         """After a batch of pushes: does the driver want an interrupt (EVENT_IDX/NO_INTERRUPT)?"""
@@ -270,25 +298,36 @@ class Virtqueue:
                               self.last_avail_idx, self.used_idx, self.signalled_used, self.msix_vector,
                               self.event_idx, self.indirect)
 
-    def restore(self, s: VirtqueueState) -> None:
-        for name in ("last_avail_idx", "used_idx", "signalled_used", "msix_vector"):
-            v = getattr(s, name)
-            if not isinstance(v, int) or not 0 <= v <= 0xFFFF:
-                raise StateError(f"restoring queue {self.index}", detail=f"{name}={v!r} out of range")
-        for name in ("desc_addr", "avail_addr", "used_addr", "size"):
-            v = getattr(s, name)
-            if not isinstance(v, int) or not 0 <= v < 1 << 64:
-                raise StateError(f"restoring queue {self.index}", detail=f"{name}={v!r} out of range")
+    def check_state(self, state: object) -> VirtqueueState:
+        """Validate without touching the queue: register widths as the transport exposes them,
+        and for a ready queue rings `activate` accepts and no more chains in flight than fit."""
+        what = f"queue {self.index}"
+        s = expect_state(state, VirtqueueState, what)
+        for name in ("size", "last_avail_idx", "used_idx", "signalled_used", "msix_vector"):
+            check_int(what, name, getattr(s, name), bits=16)
+        for name in ("desc_addr", "avail_addr", "used_addr"):
+            check_int(what, name, getattr(s, name), bits=64)
+        for name in ("ready", "event_idx", "indirect"):
+            if not isinstance(getattr(s, name), bool):
+                raise StateError(f"restoring {what}", detail=f"{name} is not a bool")
+        if s.ready:
+            try:
+                self.check_layout(s.size, s.desc_addr, s.avail_addr, s.used_addr)
+            except QueueError as e:
+                raise StateError(f"restoring {what}", detail=e.detail) from None
         if ((s.last_avail_idx - s.used_idx) & 0xFFFF) > s.size:
             # the device can never have more chains in flight than the ring holds
-            raise StateError(f"restoring queue {self.index}", detail="used index inconsistent with avail index")
+            raise StateError(f"restoring {what}", detail="used index inconsistent with avail index")
+        return s
+
+    def restore(self, state: VirtqueueState) -> None:
+        """Check, then load; a ready queue is re-activated (its ring views rebuilt)."""
+        s = self.check_state(state)
         self.reset()
         self.size, self.desc_addr, self.avail_addr, self.used_addr = s.size, s.desc_addr, s.avail_addr, s.used_addr
         self.msix_vector = s.msix_vector
         if s.ready:
-            try:
-                self.activate(bool(s.event_idx), bool(s.indirect))
-            except QueueError as e:
-                self.reset()
-                raise StateError(f"restoring queue {self.index}", detail=str(e)) from None
+            self.activate(s.event_idx, s.indirect)
+        else:
+            self.event_idx, self.indirect = s.event_idx, s.indirect
         self.last_avail_idx, self.used_idx, self.signalled_used = s.last_avail_idx, s.used_idx, s.signalled_used

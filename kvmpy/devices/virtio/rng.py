@@ -9,22 +9,30 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from kvmpy.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
 from kvmpy.devices.virtio.queue import slice_segments
-from kvmpy.errors import DeviceError, StateError
+from kvmpy.errors import DeviceError
+from kvmpy.state import expect_state, versioned
 
 log = logging.getLogger(__name__)
 
 
+@versioned("virtio-rng", 1)
 @dataclass
 class RngState:
-    """virtio-rng has no device state beyond its queue; kept for a uniform state()."""
-    version: int = 1
+    """virtio-rng keeps nothing beyond its queue: every popped request is answered before
+    `process_queue` returns. A pass cut short by the per-notify budget leaves the rest in the
+    avail ring (not in the device) with a deferred kick; that kick is an event-loop timer, which
+    a paused machine does not carry, so whoever restores or resumes the machine processes every
+    ready queue once (kvmpy.machine's poll of all queues) and nothing the guest posted waits."""
 
 
 class VirtioRng(VirtioDevice):
+    """A backend serving host entropy (QEMU's virtio-rng)."""
+
+    DEVICE_KIND: ClassVar[str] = "virtio-rng"
     device_type = VIRTIO_ID_RNG
     num_queues = 1
     name = "rng"
@@ -66,9 +74,8 @@ class VirtioRng(VirtioDevice):
         if budget <= 0 and q.has_pending() and self.call_later is not None and self.kick is not None:
             self.call_later(self.defer_s, self.kick, index)
 
-    def device_state(self) -> RngState:
+    def state(self) -> RngState:
         return RngState()
 
-    def restore_device_state(self, state: object) -> None:
-        if not isinstance(state, RngState) or state.version != 1:
-            raise StateError("restoring virtio-rng", detail=f"unexpected state {state!r}")
+    def check_state(self, state: object) -> RngState:
+        return expect_state(state, RngState, "virtio-rng state")

@@ -12,7 +12,7 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 from kvmpy.devices.irq import IrqLine, MsiSink
 from kvmpy.devices.pci.config import CAP_ID_VENDOR, PciFunction, PciFunctionState
@@ -24,6 +24,7 @@ from kvmpy.devices.virtio.queue import QueueError, Virtqueue, VirtqueueState
 from kvmpy.errors import GuestMemoryError, KvmpyError, StateError
 from kvmpy.ratelimit import RateLimitedLog
 from kvmpy.memslots import GuestMemory
+from kvmpy.state import check_int, expect_state, versioned
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,11 @@ class NotifyAddress(NamedTuple):
     datamatch: int
 
 
+@versioned("virtio-pci", 1)
 @dataclass
 class VirtioPciState:
+    """The function's config space, MSI-X, the common-config registers, every queue and the
+    backend's own state (`device`: its @versioned state, or None for a backend with none)."""
     pci: PciFunctionState
     msix: MsixState
     device_feature_select: int
@@ -72,17 +76,22 @@ class VirtioPciState:
     config_msix_vector: int
     isr: int
     queues: list[VirtqueueState] = field(default_factory=list)
-    device: Any = None
+    device: object | None = None
 
 
 class VirtioPciDevice(PciFunction):
-    """Wraps a VirtioDevice backend in a PCI function with the modern virtio-pci layout."""
+    """Wraps a VirtioDevice backend in a PCI function with the modern virtio-pci layout.
+
+    Its kind is the backend's plus "-pci", as QEMU spells it ("virtio-blk-pci")."""
+
+    DEVICE_KIND: ClassVar[str] = "virtio-pci"
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, msi_sink: MsiSink | None = None,
                  intx: IrqLine | None = None):
         super().__init__(f"virtio-{device.name}", VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE + device.device_type,
                          getattr(device, "pci_class", 0xFF0000), revision=1,
                          subsystem_vendor_id=VIRTIO_PCI_VENDOR, subsystem_id=0x1100, irq_pin=1)
+        self.DEVICE_KIND = f"{device.DEVICE_KIND}-pci"  # type: ignore[misc]  # per backend
         self.device = device
         self.mem = mem
         self.intx = intx
@@ -335,35 +344,62 @@ class VirtioPciDevice(PciFunction):
             self.msix.pending = 0
 
     # -- state ---------------------------------------------------------------------------------
-    def state(self) -> VirtioPciState:
+    def state(self) -> VirtioPciState:  # type: ignore[override]  # nests PciFunction's state
         with self.lock:
-            return VirtioPciState(self.pci_state(), self.msix.state(), self.device_feature_select,
+            # the backend first: one whose rings run elsewhere (vhost-net) reads their indices
+            # back into the queues while saying its state, so the queues' states come after
+            backend = self.device.state()
+            return VirtioPciState(super().state(), self.msix.state(), self.device_feature_select,
                                   self.driver_feature_select, self.driver_features, self.status,
                                   self.config_generation, self.queue_select, self.config_msix_vector, self.isr,
-                                  [q.state() for q in self.queues], self.device.device_state())
+                                  [q.state() for q in self.queues], backend)
 
-    def restore(self, s: VirtioPciState) -> None:
+    def check_state(self, state: object) -> VirtioPciState:  # type: ignore[override]
+        """Validate every part (registers, config space, MSI-X, each queue, the backend) without
+        touching any, so a bad field anywhere leaves the device exactly as it was."""
+        what = f"{self.name} state"
+        s = expect_state(state, VirtioPciState, what)
+        for name, bits in (("device_feature_select", 32), ("driver_feature_select", 32),
+                           ("driver_features", 64), ("status", 8), ("config_generation", 8),
+                           ("queue_select", 16), ("config_msix_vector", 16), ("isr", 8)):
+            check_int(what, name, getattr(s, name), bits=bits)
+        if s.driver_features & ~self._offered_features():
+            raise StateError(f"restoring {what}", detail="driver features not offered by this device")
+        if s.status & STATUS_FEATURES_OK and not s.driver_features & VIRTIO_F_VERSION_1 or \
+                s.status & STATUS_DRIVER_OK and not s.status & STATUS_FEATURES_OK:
+            raise StateError(f"restoring {what}", detail=f"status {s.status:#x} the driver could not have reached")
+        if s.isr & ~(ISR_QUEUE | ISR_CONFIG):
+            raise StateError(f"restoring {what}", detail=f"isr={s.isr:#x} has reserved bits")
+        if not isinstance(s.queues, (list, tuple)) or len(s.queues) != len(self.queues):
+            raise StateError(f"restoring {what}", detail=f"queues are not a list of {len(self.queues)}")
+        self._check_config_space(s.pci)
+        self.msix.check_state(s.msix)
+        vectors = [("config_msix_vector", s.config_msix_vector)]
+        for q, qs in zip(self.queues, s.queues):
+            vectors.append((f"queue {q.index} msix_vector", q.check_state(qs).msix_vector))
+        for name, v in vectors:   # the transport only ever stores a vector that exists
+            if v != NO_VECTOR and v >= self.msix.num_vectors:
+                raise StateError(f"restoring {what}", detail=f"{name}={v} but {self.msix.num_vectors} vectors")
+        self.device.check_state(s.device)
+        return s
+
+    def restore(self, state: VirtioPciState) -> None:  # type: ignore[override]
         with self.lock:
-            if len(s.queues) != len(self.queues):
-                raise StateError(f"restoring {self.name}", detail=f"{len(s.queues)} queues, expected {len(self.queues)}")
-            for name, bits in (("device_feature_select", 32), ("driver_feature_select", 32),
-                               ("driver_features", 64), ("status", 8), ("config_generation", 8),
-                               ("queue_select", 16), ("config_msix_vector", 16), ("isr", 8)):
-                v = getattr(s, name)
-                if not isinstance(v, int) or not 0 <= v < 1 << bits:
-                    raise StateError(f"restoring {self.name}", detail=f"{name}={v!r} out of range")
-            if s.driver_features & ~self._offered_features():
-                raise StateError(f"restoring {self.name}", detail="driver features not offered by this device")
-            self.reset()
-            self.pci_restore(s.pci)
+            s = self.check_state(state)
+            # Everything is valid: apply. Each part's restore checks its part again (cheap) and
+            # cannot fail now. Config space first (BAR moves reach the composer; the INTx line
+            # follows the status register's bit), then MSI-X, queues (ready ones re-activated),
+            # the backend, the registers; a DRIVER_OK backend is activated.
+            self.device.reset()
+            self._reset_registers()
+            self._load_config_space(s.pci)
             self.msix.restore(s.msix)
             for q, qs in zip(self.queues, s.queues):
                 q.restore(qs)
-            self.device.restore_device_state(s.device)
+            self.device.restore(s.device)
             (self.device_feature_select, self.driver_feature_select, self.driver_features, self.status,
              self.config_generation, self.queue_select, self.config_msix_vector, self.isr) = (
                 s.device_feature_select, s.driver_feature_select, s.driver_features, s.status,
                 s.config_generation, s.queue_select, s.config_msix_vector, s.isr)
             if self.status & STATUS_DRIVER_OK:
                 self.device.activate(self.mem, self.queues, self._interrupt_queue, self.driver_features)
-            self.set_intx(bool(self.isr) and not self.msix.enabled)
