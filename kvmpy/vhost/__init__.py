@@ -1,2 +1,2 @@
-"""kvmpy.vhost: vhost-net offload (TAP via pyroute2). Empty until that issue lands; nothing
-imports it yet. The ioctl layer already binds <linux/vhost.h> (kvmpy.ioctl.request_numbers)."""
+"""kvmpy.vhost: virtio-net's host side: the TAP (tap.py, pyroute2), the vhost-net offload (net.py)
+and make_nic (nic.py), which the machine's VIRTIO_BACKENDS row calls for each --nic."""
