@@ -1,0 +1,364 @@
+"""State values to bytes and back, without pickle: the payload of a stream's config and state
+sections.
+
+A migration stream is untrusted input (a file anyone could have edited, a peer on the network),
+so the decoder builds nothing but plain values and the dataclasses registered with
+`kvmpy.state.versioned`, and checks every length against the bytes that are really there before
+it allocates anything. Its failures are all `MigrationError` (a malformed blob) or `StateError`
+(a state class at another version, or fields that do not match the class), never an IndexError,
+a RecursionError or a MemoryError.
+
+Format (one value, nothing after it; integers in a uvarint are LEB128: 7 bits a byte, low bits
+first, at most 10 bytes, no redundant trailing 0x00 byte, so every value has exactly one encoding):
+
+    value := 0x00                                  None
+           | 0x01 | 0x02                           False | True
+           | 0x03 uvarint(n)                       int n, 0 <= n < 2**64
+           | 0x04 uvarint(-n - 1)                  int n, -2**64 <= n < 0
+           | 0x05 uvarint(len) utf-8               str
+           | 0x06 uvarint(len) bytes               bytes (bytearray/memoryview encode as bytes)
+           | 0x07 uvarint(count) value*            list
+           | 0x08 uvarint(count) value*            tuple
+           | 0x09 uvarint(count) (key value)*      dict; a key is an int (0x03/0x04) or a str
+                                                   (0x05) value; no key twice
+           | 0x0A name uvarint(version) uvarint(count) (name value)*
+                                                   a @versioned dataclass: its STATE_NAME and
+                                                   STATE_VERSION, then its init fields by name
+    name  := uvarint(len) utf-8                    len <= 128
+
+Limits on decoding: the whole blob <= MAX_STATE_BYTES, nesting <= MAX_DEPTH, at most MAX_VALUES
+values in all (a 64 MiB blob of one-byte Nones would otherwise become a 512 MiB list). Every
+count is checked against the bytes left (each element takes at least one byte), every length
+before the slice. The dataclass is built with `cls(**fields)` once its field names match its
+init fields exactly; the values inside are not type-checked here: each part's `restore()`
+validates its own state (the protocol in kvmpy/state.py).
+
+Only classes already registered can be decoded: import the modules whose state a stream carries
+(the machine does) before decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from kvmpy.errors import MigrationError, StateError
+from kvmpy.state import STATE_CLASSES
+
+MAX_STATE_BYTES = 64 << 20      # a machine's whole state is a few MiB even with 256 vCPUs
+MAX_DEPTH = 32                  # MachineState -> vcpus -> vcpu -> msrs -> ... is < 10 deep
+MAX_VALUES = 1 << 20            # values in one blob (ints, strs, containers, ...)
+MAX_NAME_BYTES = 128            # state class names and field names
+INT_LIMIT = 1 << 64             # ints must satisfy -INT_LIMIT <= n < INT_LIMIT
+
+T_NONE, T_FALSE, T_TRUE, T_UINT, T_NEGINT, T_STR, T_BYTES, T_LIST, T_TUPLE, T_DICT, T_STATE = range(11)
+_KEY_TAGS = (T_UINT, T_NEGINT, T_STR)
+_VARINT_MAX_BYTES = 10          # ceil(64 / 7)
+
+
+class _EncodeFailure(Exception):
+    """Internal: carries the path to a bad value up the recursion (turned into MigrationError)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []
+
+
+def _put_uvarint(out: bytearray, n: int) -> None:
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _put_name(out: bytearray, name: str) -> None:
+    raw = name.encode("utf-8")
+    if not raw or len(raw) > MAX_NAME_BYTES:
+        raise _EncodeFailure(f"name {name!r} is empty or longer than {MAX_NAME_BYTES} bytes")
+    _put_uvarint(out, len(raw))
+    out += raw
+
+
+def _encode_int(out: bytearray, value: int) -> None:
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        raise _EncodeFailure(f"int {value:#x} is outside [-2**64, 2**64)")
+    if value >= 0:
+        out.append(T_UINT)
+        _put_uvarint(out, value)
+    else:
+        out.append(T_NEGINT)
+        _put_uvarint(out, -value - 1)
+
+
+def _encode_str(out: bytearray, value: str) -> None:
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _EncodeFailure(f"str is not valid UTF-8 text ({exc.reason})") from None
+    out.append(T_STR)
+    _put_uvarint(out, len(raw))
+    out += raw
+
+
+def _encode_state(out: bytearray, obj: Any, depth: int) -> None:
+    cls = type(obj)
+    name = getattr(cls, "STATE_NAME", None)
+    if name is None or STATE_CLASSES.get(name) is not cls:
+        raise _EncodeFailure(f"dataclass {cls.__qualname__} is not registered with @versioned")
+    out.append(T_STATE)
+    _put_name(out, name)
+    _put_uvarint(out, cls.STATE_VERSION)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    _put_uvarint(out, len(fields))
+    for field in fields:
+        try:
+            _put_name(out, field.name)
+            _encode(out, getattr(obj, field.name), depth + 1)
+        except _EncodeFailure as failure:
+            failure.path.append(f".{field.name}")
+            raise
+
+
+def _encode(out: bytearray, obj: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise _EncodeFailure(f"nested deeper than {MAX_DEPTH} levels (a cycle?)")
+    if obj is None:
+        out.append(T_NONE)
+    elif obj is True:
+        out.append(T_TRUE)
+    elif obj is False:
+        out.append(T_FALSE)
+    elif isinstance(obj, enum.Enum):
+        # checked before int: an IntEnum is an int, but decoding would give back a plain int
+        raise _EncodeFailure(f"enum {type(obj).__qualname__}.{obj.name} is not a state value "
+                             "(store its .value)")
+    elif type(obj) is int:
+        _encode_int(out, obj)
+    elif type(obj) is str:
+        _encode_str(out, obj)
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        try:
+            raw = obj.tobytes() if isinstance(obj, memoryview) else bytes(obj)
+        except (TypeError, ValueError) as exc:
+            raise _EncodeFailure(f"memoryview cannot be read as bytes ({exc})") from None
+        out.append(T_BYTES)
+        _put_uvarint(out, len(raw))
+        out += raw
+    elif type(obj) is list or type(obj) is tuple:
+        out.append(T_LIST if type(obj) is list else T_TUPLE)
+        _put_uvarint(out, len(obj))
+        for index, item in enumerate(obj):
+            try:
+                _encode(out, item, depth + 1)
+            except _EncodeFailure as failure:
+                failure.path.append(f"[{index}]")
+                raise
+    elif type(obj) is dict:
+        out.append(T_DICT)
+        _put_uvarint(out, len(obj))
+        for key, item in obj.items():
+            if type(key) is int:
+                _encode_int(out, key)
+            elif type(key) is str:
+                _encode_str(out, key)
+            else:
+                raise _EncodeFailure(f"dict key {key!r} is a {type(key).__name__}, not int or str")
+            try:
+                _encode(out, item, depth + 1)
+            except _EncodeFailure as failure:
+                failure.path.append(f"[{key!r}]")
+                raise
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        _encode_state(out, obj, depth)
+    else:
+        raise _EncodeFailure(f"{type(obj).__qualname__} is not a state value "
+                             "(None, bool, int, str, bytes, list, tuple, dict, @versioned dataclass)")
+
+
+def encode_state(obj: object) -> bytes:
+    """Encode a state value (see the module docstring for what is one). A value outside the
+    grammar raises MigrationError naming where it is, e.g. "state.vcpus[1].msrs: float ...":
+    that is a bug in the part whose state() returned it, caught at save time, not at restore."""
+    out = bytearray()
+    try:
+        _encode(out, obj, 0)
+    except _EncodeFailure as failure:
+        where = "state" + "".join(reversed(failure.path))
+        raise MigrationError("encoding state", detail=f"{where}: {failure.message}") from None
+    if len(out) > MAX_STATE_BYTES:
+        raise MigrationError("encoding state",
+                             detail=f"{len(out)} bytes is more than the {MAX_STATE_BYTES}-byte limit")
+    return bytes(out)
+
+
+class _Decoder:
+    """One pass over an untrusted blob; every read is bounds-checked first."""
+
+    __slots__ = ("data", "pos", "values")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+        self.values = 0
+
+    def fail(self, detail: str) -> MigrationError:
+        return MigrationError("decoding state", detail=f"at byte {self.pos}: {detail}")
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise self.fail("truncated")
+        value = self.data[self.pos]
+        self.pos += 1
+        return value
+
+    def uvarint(self) -> int:
+        first = self.byte()
+        if first < 0x80:
+            return first
+        result = first & 0x7F
+        shift = 7
+        for _ in range(_VARINT_MAX_BYTES - 1):
+            byte = self.byte()
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                if byte == 0:
+                    raise self.fail("integer with a redundant trailing byte")
+                if result >= INT_LIMIT:
+                    raise self.fail("integer larger than 2**64")
+                return result
+            shift += 7
+        raise self.fail(f"integer longer than {_VARINT_MAX_BYTES} bytes")
+
+    def count(self, min_bytes_each: int) -> int:
+        """An element count, refused unless the remaining bytes could hold that many elements."""
+        at = self.pos
+        n = self.uvarint()
+        if n * min_bytes_each > len(self.data) - self.pos:
+            self.pos = at
+            raise self.fail(f"count {n} exceeds the {len(self.data) - self.pos} bytes left")
+        return n
+
+    def raw(self, length: int) -> bytes:
+        if length > len(self.data) - self.pos:
+            raise self.fail(f"length {length} exceeds the {len(self.data) - self.pos} bytes left")
+        chunk = self.data[self.pos:self.pos + length]
+        self.pos += length
+        return chunk
+
+    def text(self, length: int) -> str:
+        at = self.pos
+        raw = self.raw(length)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.pos = at
+            raise self.fail("string is not valid UTF-8") from None
+
+    def name(self) -> str:
+        at = self.pos
+        length = self.uvarint()
+        if not 1 <= length <= MAX_NAME_BYTES:
+            self.pos = at
+            raise self.fail(f"name length {length} not in 1..{MAX_NAME_BYTES}")
+        return self.text(length)
+
+    def value(self, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise self.fail(f"nested deeper than {MAX_DEPTH} levels")
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise self.fail(f"more than {MAX_VALUES} values")
+        at = self.pos
+        tag = self.byte()
+        if tag == T_NONE:
+            return None
+        if tag == T_FALSE:
+            return False
+        if tag == T_TRUE:
+            return True
+        if tag == T_UINT:
+            return self.uvarint()
+        if tag == T_NEGINT:
+            return -self.uvarint() - 1
+        if tag == T_STR:
+            return self.text(self.uvarint())
+        if tag == T_BYTES:
+            return self.raw(self.uvarint())
+        if tag == T_LIST or tag == T_TUPLE:
+            items = [self.value(depth + 1) for _ in range(self.count(1))]
+            return items if tag == T_LIST else tuple(items)
+        if tag == T_DICT:
+            return self.mapping(depth)
+        if tag == T_STATE:
+            return self.state(depth)
+        self.pos = at
+        raise self.fail(f"unknown tag {tag:#04x}")
+
+    def mapping(self, depth: int) -> dict[int | str, Any]:
+        result: dict[int | str, Any] = {}
+        for _ in range(self.count(2)):
+            at = self.pos
+            tag = self.byte()
+            if tag not in _KEY_TAGS:
+                self.pos = at
+                raise self.fail(f"dict key with tag {tag:#04x} (keys are int or str)")
+            self.pos = at
+            key = self.value(depth + 1)
+            if key in result:
+                self.pos = at
+                raise self.fail(f"dict key {key!r} twice")
+            result[key] = self.value(depth + 1)
+        return result
+
+    def state(self, depth: int) -> Any:
+        at = self.pos
+        name = self.name()
+        cls = STATE_CLASSES.get(name)
+        if cls is None:
+            self.pos = at
+            raise self.fail(f"unknown state {name!r} (snapshot from a newer kvmpy?)")
+        version = self.uvarint()
+        if version != cls.STATE_VERSION:
+            hint = "a newer" if version > cls.STATE_VERSION else "an older"
+            raise StateError(f"state {name!r} is version {version}; this kvmpy reads version "
+                             f"{cls.STATE_VERSION} (snapshot from {hint} kvmpy?)")
+        expected = {f.name for f in dataclasses.fields(cls) if f.init}
+        fields: dict[str, Any] = {}
+        for _ in range(self.count(3)):
+            field_at = self.pos
+            field = self.name()
+            if field in fields:
+                self.pos = field_at
+                raise self.fail(f"state {name!r}: field {field!r} twice")
+            fields[field] = self.value(depth + 1)
+        missing = sorted(expected - fields.keys())
+        extra = sorted(fields.keys() - expected)
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                    ([f"unknown {', '.join(extra)}"] if extra else [])
+            raise StateError(f"state {name!r} v{version} does not match this kvmpy's fields",
+                             detail="; ".join(parts))
+        try:
+            return cls(**fields)
+        except StateError:
+            raise
+        except Exception as exc:  # a __post_init__ refusing the values: untrusted input, one line
+            raise StateError(f"state {name!r} v{version}", detail=f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_state(data: bytes | bytearray | memoryview) -> object:
+    """Decode one state value from untrusted bytes (the whole blob, nothing after it). Raises
+    MigrationError for a malformed blob and StateError for a state class this kvmpy reads at
+    another version or with other fields."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MigrationError("decoding state", detail=f"expected bytes, got {type(data).__name__}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > MAX_STATE_BYTES:
+        raise MigrationError("decoding state",
+                             detail=f"{size} bytes is more than the {MAX_STATE_BYTES}-byte limit")
+    decoder = _Decoder(data.tobytes() if isinstance(data, memoryview) else bytes(data))
+    value = decoder.value(0)
+    if decoder.pos != len(decoder.data):
+        raise decoder.fail(f"{len(decoder.data) - decoder.pos} bytes after the value")
+    return value

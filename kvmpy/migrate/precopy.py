@@ -1,0 +1,409 @@
+"""Live pre-copy migration, the source side: all of RAM while the guest runs, then passes of the
+pages it dirtied, until what is left fits the downtime limit at the measured bandwidth; then the
+switchover (pause, last pages, device and vCPU state), and only once the destination confirms
+does the source give the guest up.
+
+The engine knows no Machine: it drives a `PrecopySource` (kvmpy.migrate.live adapts a Machine;
+tier 0 uses a fake over real GuestMemory) through a `Channel` (a connected socket). The stream
+is the snapshot format (kvmpy.migrate.stream) in its run layout:
+
+    header  CONFIG  | dest: ACCEPT or REFUSE <why>
+    [block: DISK SETUP | dest: ACCEPT or REFUSE <why>   DISK* (the bulk pass of every image)]
+    MEMORY_RUNS* (pass 0: non-zero pages)  MEMORY_RUNS* DISK* (each later pass: dirty pages, zero
+    runs; dirty disk blocks), each pass followed by SYNC | dest: SYNCED, where ACCEPT said "sync"
+    -- source paused --  MEMORY_RUNS* DISK* (the last dirty pages and blocks)  STATE  END
+    | dest: LOADED (everything applied, vCPUs not started) or FAILED <why>
+    source: postmigrate, then GO | dest: starts the guest (without GO it exits with an error)
+
+Exactly one copy runs at every instant: the source resumes on any failure before LOADED
+(connection cut, destination dead or refusing, cancel); the destination starts only after GO,
+which the source sends once it has stopped for good. Replies are one ASCII line each.
+
+Why SYNC: when a pass ends the socket buffers hold megabytes the destination has not applied;
+unwaited, the switchover paid for them (most of an idle guest's 800 ms downtime in L1) and the
+bandwidth deciding the switch counted bytes into a buffer, not into the destination's RAM.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from kvmpy.errors import KvmpyError, MigrationError
+from kvmpy.migrate.channel import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUSE, REPLY_TIMEOUT_S,  # noqa: F401
+                                   SYNCED, Cancelled, Channel)     # (re-exported)
+from kvmpy.migrate.converge import (SWITCH_PAGES, THROTTLE_DEFAULTS, converged, dirtied_faster_than_sent,  # noqa: F401
+                                    dirty_windows, expected_downtime_ms, next_throttle, worth_another_pass)
+from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages, run_table
+from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
+
+log = logging.getLogger(__name__)
+
+BANDWIDTH_WINDOW_BYTES = 8 << 20    # passes measure the bandwidth once they sent this much together
+WHOLE_RANGE_PAGES = 4096            # a dirty set this small is taken and sent a range at a time
+
+
+class PrecopySource(Protocol):
+    """What the engine needs from the machine being migrated."""
+    memory: Any                 # GuestMemory: ranges, buffer()
+    tracker: Any                # memslots.dirty.DirtyTracker over that memory
+
+    def identity(self) -> bytes: ...            # the encoded CONFIG payload
+    def pause(self) -> None: ...                # every vCPU parked, I/O quiesced, disks flushed
+    def resume(self) -> None: ...               # back to running (a failed migration)
+    def state(self) -> bytes: ...               # the encoded STATE payload (paused)
+    def completed(self) -> None: ...            # postmigrate: the destination has the guest
+    def check(self) -> None: ...                # raise when migrating cannot go on (a guest reboot)
+    def emit(self, event: str, data: dict) -> None: ...
+    # with the `block` capability: block_disks() -> [kvmpy.migrate.block.SourceDisk], writable only
+
+
+class Precopy:
+    """One outgoing migration. `run()` on a migration thread; `stats()` and `cancel()` from any.
+    `params`: QMP's downtime-limit (ms) and max-bandwidth (bytes/s, 0 unlimited)."""
+
+    def __init__(self, source: PrecopySource, channel: Channel, params: dict[str, Any],
+                 reply_timeout_s: float = REPLY_TIMEOUT_S, capabilities: dict[str, bool] | None = None):
+        self.source, self.channel = source, channel
+        self.params = dict(params)
+        self.auto_converge = bool((capabilities or {}).get("auto-converge"))
+        self.compress = bool((capabilities or {}).get("compress"))      # zstd per memory chunk
+        self.block = None                   # kvmpy.migrate.block.BlockCopy with `block`
+        if (capabilities or {}).get("block"):
+            from kvmpy.migrate.block import BlockCopy
+            disks = getattr(source, "block_disks", None)
+            self.block = BlockCopy(disks() if callable(disks) else [])
+        self.throttle = 0                   # cpu-throttle-percentage
+        self._high_dirty_passes = 0
+        self.downtime_limit_ms = float(params.get("downtime-limit", 300))
+        self.max_bandwidth = int(params.get("max-bandwidth", 0))
+        self.channel.max_bandwidth = self.max_bandwidth
+        self.reply_timeout_s = reply_timeout_s
+        self.status = "setup"
+        self.started = time.monotonic()
+        self.setup_ms = 0
+        self.passes = 0                     # dirty-sync-count
+        self.bandwidth = 0.0                # bytes/s: the first pass, then windows of passes (_measure)
+        self.sync_ms = 0.0                  # the last read of the dirty log(s): a cost of every pass
+        self.remaining_pages = sum(r.size for r in source.memory.ranges) // PAGE_SIZE
+        self.dirty_rate = 0.0               # pages/s
+        self.expected_ms = 0.0
+        self.downtime_ms: int | None = None
+        self.total_ms: int | None = None
+        self.normal_pages = self.zero_pages = 0
+        self.error = ""
+        self.on_status: Callable[[str], None] | None = None
+        self._writer: StreamWriter | None = None
+        self._window_bytes, self._window_s = 0, 0.0     # passes not yet in `bandwidth`
+        self._window_filled = False
+        self.dest_syncs = False             # the destination offered SYNC in its ACCEPT
+        self._syncs_sent = 0
+
+    # -- queries --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """query-migrate's shape (qapi/migration.json MigrationInfo)."""
+        total = sum(r.size for r in self.source.memory.ranges)
+        elapsed = int((time.monotonic() - self.started) * 1000) if self.total_ms is None else self.total_ms
+        info: dict[str, Any] = {
+            "status": self.status, "setup-time": self.setup_ms, "total-time": elapsed,
+            "ram": {"transferred": self.channel.bytes_sent, "total": total,
+                    "remaining": self.remaining_pages * PAGE_SIZE, "duplicate": self.zero_pages,
+                    "normal": self.normal_pages, "normal-bytes": self.normal_pages * PAGE_SIZE,
+                    "dirty-pages-rate": int(self.dirty_rate), "mbps": self.bandwidth * 8 / 1e6,
+                    "dirty-sync-count": self.passes, "page-size": PAGE_SIZE}}
+        if self.status in ("active", "device", "completed"):
+            info["expected-downtime"] = int(self.expected_ms)
+        if self.downtime_ms is not None:
+            info["downtime"] = self.downtime_ms
+        if self.throttle:
+            info["cpu-throttle-percentage"] = self.throttle
+        if self.block is not None:
+            info["disk"] = self.block.stats()
+        if self.error:
+            info["error-desc"] = self.error
+        return info
+
+    def cancel(self) -> None:
+        """migrate_cancel: the source resumes unless the destination already confirmed."""
+        if self.status in ("setup", "active", "device"):
+            self._set_status("cancelling")
+            self.channel.cancel()
+
+    def _set_status(self, status: str) -> None:
+        if self.status == "cancelling" and status not in ("cancelled", "completed", "failed"):
+            return
+        self.status = status
+        self.source.emit("MIGRATION", {"status": status})
+        if self.on_status is not None:
+            self.on_status(status)
+
+    # -- the migration --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Migrate; returns the final statistics, or raises (the source running again)."""
+        source, channel = self.source, self.channel
+        self._set_status("setup")
+        paused = False
+        confirmed = False
+        try:
+            writer = self._writer = StreamWriter(channel, sparse=False)
+            writer.copy_pages = True            # the guest runs while pages go out
+            if self.compress:
+                from kvmpy.migrate import zstd
+                if not zstd.available():
+                    raise MigrationError("migrating with compress", detail="libzstd is not available here")
+                writer.compress = True
+            writer.write_header()
+            writer.write_section(SectionKind.CONFIG, source.identity())
+            word, why = channel.read_reply(self.reply_timeout_s)
+            if word == REFUSE:
+                raise MigrationError("the destination refused the migration", detail=why)
+            if word != ACCEPT:
+                raise MigrationError("the destination answered", detail=f"{word[:40]!r} instead of accepting")
+            self.dest_syncs = OFFER_SYNC in why.split()
+            block = self.block
+            if block is not None:
+                block.setup(writer, lambda: channel.read_reply(self.reply_timeout_s), ACCEPT, REFUSE)
+            source.tracker.start()
+            if block is not None:
+                block.start()
+            self.setup_ms = int((time.monotonic() - self.started) * 1000)
+            self._set_status("active")
+            if block is not None:
+                block.bulk_pass(writer, source.check)
+            self._first_pass(writer)
+            sent = 0
+            previous_left = self.normal_pages        # the first pass's dirty set: all it sent
+            while True:
+                source.check()
+                synced_at = time.monotonic()
+                self.remaining_pages = source.tracker.sync()
+                # dirty disk blocks count as pages of the same bytes in the downtime arithmetic
+                left = self.remaining_pages + (-(-block.sync() // PAGE_SIZE) if block is not None else 0)
+                self.sync_ms = (time.monotonic() - synced_at) * 1000   # the switchover reads the log too
+                self.expected_ms = expected_downtime_ms(left, self._switch_bandwidth(), self.sync_ms)
+                fits = converged(left, self._switch_bandwidth(), self.downtime_limit_ms, self.sync_ms)
+                if fits and not worth_another_pass(left, previous_left):
+                    break
+                previous_left = left
+                if self.auto_converge and self.passes and not fits:
+                    self._maybe_throttle(left * PAGE_SIZE, sent)
+                sending_at = time.monotonic()
+                sent = self._dirty_pass(writer)
+                if block is not None:
+                    sent += block.dirty_pass(writer)
+                sent_at = time.monotonic()
+                self._catch_up(writer)
+                elapsed = max(time.monotonic() - synced_at, 1e-6)
+                self._measure(sent, max(time.monotonic() - sending_at, 1e-6))
+                self.dirty_rate = self.remaining_pages / elapsed
+                self.passes += 1
+                source.emit("MIGRATION_PASS", {"pass": self.passes})
+                log.info("migration pass %d: %d pages, %.1f MiB in %.0f ms (log sync %.0f, send %.0f, destination "
+                         "catching up %.0f); %.1f MB/s, expected downtime %.0f ms", self.passes, self.remaining_pages,
+                         sent / 2**20, elapsed * 1000, (sending_at - synced_at) * 1000, (sent_at - sending_at) * 1000,
+                         (synced_at + elapsed - sent_at) * 1000, self.bandwidth / 1e6, self.expected_ms)
+            # switchover
+            self._set_throttle(0)
+            source.check()
+            paused_at = time.monotonic()
+            source.pause()
+            paused = True
+            self._set_status("device")
+            writer.copy_pages = False
+            channel.max_bandwidth = 0           # the guest is stopped: no reason to hold back now
+            marks = [time.monotonic()]          # where the downtime goes: logged at the end
+            self.remaining_pages = source.tracker.sync()
+            last_pages = self.remaining_pages
+            self._dirty_pass(writer)
+            if block is not None:           # the disks were flushed by pause(): the last blocks
+                block.sync()
+                block.dirty_pass(writer)
+            self.remaining_pages = 0
+            marks.append(time.monotonic())
+            writer.write_section(SectionKind.STATE, source.state())
+            writer.finish()
+            marks.append(time.monotonic())
+            word, why = channel.read_reply(self.reply_timeout_s)
+            marks.append(time.monotonic())
+            if word == FAILED:
+                raise MigrationError("the destination could not load the guest", detail=why)
+            if word != LOADED:
+                raise MigrationError("the destination answered", detail=f"{word[:40]!r} instead of confirming")
+            if channel.cancelled:
+                raise Cancelled("migration cancelled")
+            confirmed = True            # the destination has everything: the source gives it up
+            source.completed()
+            self.downtime_ms = int((time.monotonic() - paused_at) * 1000)
+            try:
+                channel.send_line(GO)
+            except OSError as exc:      # the destination exits without GO; the source keeps the state
+                log.error("migration: the destination confirmed but GO could not be sent (%s); "
+                          "the guest stays paused here (postmigrate)", exc)
+                raise MigrationError("telling the destination to start", errno=exc.errno) from None
+            finally:                    # after GO: switching the log off is no part of the downtime
+                source.tracker.stop()
+                if block is not None:
+                    block.stop()
+            self.total_ms = int((time.monotonic() - self.started) * 1000)
+            self._set_status("completed")
+            log.info("migrated: %d passes, %d pages sent, %d zero, downtime %d ms (pause %.0f, last %d pages "
+                     "%.0f, state %.0f, destination's load %.0f ms), total %d ms", self.passes, self.normal_pages,
+                     self.zero_pages, self.downtime_ms, (marks[0] - paused_at) * 1000, last_pages,
+                     (marks[1] - marks[0]) * 1000, (marks[2] - marks[1]) * 1000, (marks[3] - marks[2]) * 1000,
+                     self.total_ms)
+            return self.stats()
+        except BaseException as exc:
+            original = exc
+            self.total_ms = int((time.monotonic() - self.started) * 1000)
+            self._set_throttle(0)
+            if isinstance(exc, KvmpyError) and not isinstance(exc, Cancelled):
+                try:                # an ioctl on a VM (a read of a disk) a guest reboot closed
+                    source.check()
+                except MigrationError as why:
+                    exc = why
+            if not confirmed:
+                source.tracker.stop()
+                if self.block is not None:
+                    self.block.stop()
+                if paused:
+                    source.resume()
+            cancelled = isinstance(exc, Cancelled) or channel.cancelled
+            self.error = "" if cancelled and not confirmed else str(exc)
+            self._set_status("cancelled" if cancelled and not confirmed else "failed")
+            if cancelled and not confirmed:
+                raise Cancelled("migration cancelled", detail="the guest runs on here") from None
+            if exc is not original:
+                raise exc from None
+            raise
+
+    def _maybe_throttle(self, dirty_bytes: int, sent_bytes: int) -> None:
+        """auto-converge: after two passes in which the guest dirtied more than the trigger
+        share of what was sent, slow its vCPUs down a step (and again on every later one)."""
+        if not dirtied_faster_than_sent(dirty_bytes, sent_bytes, self.params):
+            return
+        self._high_dirty_passes += 1
+        if self._high_dirty_passes >= 2:
+            self._high_dirty_passes = 0
+            self._set_throttle(next_throttle(self.throttle, self.params))
+
+    def _set_throttle(self, percent: int) -> None:
+        if percent == self.throttle:
+            return
+        self.throttle = percent
+        throttle = getattr(self.source, "throttle", None)
+        if callable(throttle):
+            throttle(percent)
+        if percent:
+            log.info("migration: auto-converge throttles the vCPUs by %d%%", percent)
+
+    def _measure(self, sent: int, elapsed: float) -> None:
+        """The bandwidth: bytes over the seconds from the first write to SYNCED, over windows of
+        passes (the first included) that sent BANDWIDTH_WINDOW_BYTES together (before the first
+        fills: over everything so far). Windows: a pass of 214 pages in L1 was 680 ms of fixed
+        costs (walk, SYNC round trip), 1.3 MB/s where the first pass measured 10, and an idle guest
+        iterated for 120 s. The log read is left out: it costs the same for 1 page or 10^5, a fixed
+        term of the expected downtime (sync_ms), not a slower rate for every byte."""
+        self._window_bytes += sent
+        self._window_s += elapsed
+        full = self._window_bytes >= BANDWIDTH_WINDOW_BYTES
+        if full or not self._window_filled:
+            self.bandwidth = self._window_bytes / max(self._window_s, 1e-6)
+        if full:
+            self._window_filled = True
+            self._window_bytes, self._window_s = 0, 0.0
+
+    def _switch_bandwidth(self) -> float:
+        """The bandwidth the expected downtime is computed with: measured, but never above
+        max-bandwidth (a small first pass fits in the rate limiter's first window and in the
+        socket buffers at memory speed, which says nothing about the link)."""
+        if self.max_bandwidth:
+            return min(self.bandwidth, float(self.max_bandwidth))
+        return self.bandwidth
+
+    def _first_pass(self, writer: StreamWriter) -> None:
+        """All of RAM, zero pages left out (the destination's fresh RAM is zero)."""
+        started, before = time.monotonic(), self.channel.bytes_sent
+        memory = self.source.memory
+        extents = getattr(self.source, "extents", lambda: None)() or {}
+        for r in memory.ranges:
+            buffer = memory.buffer(r.gpa, r.size)
+            for first in range(0, r.size // PAGE_SIZE, CHUNK_PAGES * 16):
+                count = min(CHUNK_PAGES * 16, r.size // PAGE_SIZE - first)
+                piece = buffer[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+                ext = extents.get(r.gpa)
+                window = None if ext is None else [(s - first * PAGE_SIZE, n) for s, n in ext
+                                                   if s < (first + count) * PAGE_SIZE and s + n > first * PAGE_SIZE]
+                mask = nonzero_pages(np.frombuffer(piece, dtype=np.uint8), window)
+                page_runs = run_table(mask, first)
+                sent = int(mask.sum())
+                self.normal_pages += sent
+                self.zero_pages += count - sent
+                if page_runs.size:      # scanned just now (a page the guest zeroed since may go either way)
+                    writer.write_pages(r.gpa, buffer, page_runs, nonzero=True)
+        self._catch_up(writer)
+        self._measure(self.channel.bytes_sent - before, max(time.monotonic() - started, 1e-6))
+
+    def _catch_up(self, writer: StreamWriter) -> None:
+        """After a pass: wait until the destination applied all of it (SYNC, answered SYNCED), so
+        what the switchover sends is only what the guest dirtied since, and the bandwidth is
+        the rate into the destination's RAM. Nothing to do where the destination has no SYNC."""
+        if not self.dest_syncs:
+            return
+        self._syncs_sent += 1
+        writer.write_sync(self._syncs_sent)
+        word, why = self.channel.read_reply(self.reply_timeout_s)
+        if word == FAILED:
+            raise MigrationError("the destination failed", detail=why)
+        if word != SYNCED:
+            raise MigrationError("the destination answered", detail=f"{word[:40]!r} instead of SYNCED")
+
+    def _dirty_pass(self, writer: StreamWriter) -> int:
+        """Send what `sync` found, chunk by chunk, clearing each chunk just before sending it."""
+        before = self.channel.bytes_sent
+        memory, tracker = self.source.memory, self.source.tracker
+        # a small set (the passes near the switchover, the switchover's own) in one take per range:
+        # chunk by chunk, its pages, scattered over most chunks, cost a dozen numpy calls and an
+        # ioctl each, hundreds of ms under nested TCG; a large one keeps each chunk's clear next
+        # to its copy, so the guest's writes meanwhile re-dirty as few pages as possible
+        whole = self.remaining_pages <= WHOLE_RANGE_PAGES
+        for index, r in enumerate(memory.ranges):
+            buffer = memory.buffer(r.gpa, r.size)
+            npages = r.size // PAGE_SIZE
+            if whole:
+                windows = [(0, npages)]
+            else:
+                windows = dirty_windows(tracker, index, npages)
+            for first, count in windows:
+                dirty = tracker.take(index, first, count)
+                page_runs = run_table(dirty, first)
+                if page_runs.size:
+                    self.normal_pages += int(dirty.sum())
+                    writer.write_pages(r.gpa, buffer, page_runs)
+        return self.channel.bytes_sent - before
+
+
+def receive_memory_and_state(reader: Any, targets: list[tuple[int, Any]],
+                             on_disk: Callable[[bytes], None] | None = None,
+                             on_sync: Callable[[], None] | None = None) -> bytes:
+    """The destination's read of everything after CONFIG: MEMORY_RUNS chunks into `targets`
+    [(gpa, writable buffer)], DISK payloads to `on_disk` (block migration) and SYNC markers to
+    `on_sync` (it answers SYNCED) until STATE, then END; the STATE payload. Anything else (a
+    second STATE, pages after it, a MEMORY_FILE, a DISK or SYNC section nobody takes, no STATE)
+    is one MigrationError."""
+    state_payload: bytes | None = None
+    while (section := reader.next_section()) is not None:
+        if section.kind is SectionKind.MEMORY_RUNS and state_payload is None:
+            reader.read_memory_into(section, targets)
+        elif section.kind is SectionKind.DISK and state_payload is None and on_disk is not None:
+            on_disk(section.payload)
+        elif section.kind is SectionKind.SYNC and state_payload is None and on_sync is not None:
+            on_sync()
+        elif section.kind is SectionKind.STATE and state_payload is None:
+            state_payload = section.payload
+        else:
+            raise MigrationError("reading the migration stream", detail=f"an unexpected {section.kind.name} section")
+    if state_payload is None:
+        raise MigrationError("reading the migration stream", detail="the machine state is missing")
+    return state_payload
