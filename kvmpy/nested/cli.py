@@ -53,7 +53,7 @@ def _sigterm_to_interrupt(signum: int, frame: object) -> None:
 def main_argv(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     if args.action == "tier2":
-        from kvmpy.nested.tier2 import run_tier2
+        from kvmpy.nested.tier2driver import run_tier2
         return run_tier2(_strip_dashes(args.pytest_args))
     if args.action == "guest-shell":
         from kvmpy.nested.guestshell import main as guest_shell
@@ -65,6 +65,9 @@ def main_argv(argv: Sequence[str]) -> int:
         print(f"bzImage       {kernel.bzimage}\nvmlinux       {kernel.vmlinux}")
         print(f"l1 initramfs  {build_l1_initramfs(kernel)}")
         print(f"guest initrd  {build_guest_initramfs(kernel)}")
+        from kvmpy.nested.l0qemu import l1_qemu
+        qemu = l1_qemu()
+        print(f"l1 qemu       {qemu.binary} ({qemu.origin})")
         return 0
     from kvmpy.nested.harness import HarnessConfig, L1Harness
     config = HarnessConfig(memory_mib=args.memory, cpus=args.cpus,

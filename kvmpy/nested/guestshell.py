@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from kvmpy.errors import NestedError
-from kvmpy.hostinfo import host_kvm_kind
+from kvmpy.cli.info import host_kvm_kind
 from kvmpy.nested import tier2
 from kvmpy.nested.images import build_guest_initramfs
 from kvmpy.nested.kernel import unpack

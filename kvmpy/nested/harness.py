@@ -24,12 +24,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Mapping
+from typing import BinaryIO, Callable, Mapping
 
 from kvmpy.errors import NestedError
-from kvmpy.nested import initscripts
+from kvmpy.nested import initscripts, watch
 from kvmpy.nested.images import build_l1_initramfs
-from kvmpy.nested.kernel import cache_root, unpack
+from kvmpy.nested.kernel import cache_root, module_index, unpack
+from kvmpy.nested.l0qemu import SYSTEM_QEMU, l1_qemu
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class HarnessConfig:
     boot_timeout_s: float = 180.0
     command_timeout_s: float = 1500.0
     shutdown_grace_s: float = 30.0
-    qemu: str = "qemu-system-x86_64"
+    diagnosis_wait_s: float = 60.0   # for a wedged L1's init to dump its task stacks
+    qemu: tuple[str, ...] = ()       # the argv that starts L1's QEMU; () = kvmpy.nested.l0qemu's
     echo_boot: bool = False          # also show L1's kernel/init output before the command
     disk: Path | None = None         # raw image attached as L1's /dev/vda (KVMPY_NESTED_DISK)
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -66,6 +68,20 @@ class HarnessConfig:
             _check_share_path(disk)  # it goes into a -drive option: no commas or quotes
             if not disk.is_file():
                 raise NestedError("configuring L1", detail=f"disk image {disk} is not a file")
+
+
+class L1WedgedError(NestedError):
+    """L1 stopped making progress (its watch said why); the diagnosis was gathered before QEMU
+    was killed, and `progress` tells a tier-2 driver which tests are left."""
+
+    def __init__(self, reason: str, diagnosis: str, progress: watch.Tier2Progress,
+                 console_log: Path):
+        super().__init__("running a command in L1",
+                         detail=f"L1 stopped making progress: {reason}; console log: {console_log}")
+        self.reason = reason
+        self.diagnosis = diagnosis
+        self.progress = progress
+        self.console_log = console_log
 
 
 @dataclass
@@ -113,8 +129,10 @@ class L1Harness:
     def __init__(self, config: HarnessConfig | None = None):
         self.config = config or HarnessConfig()
         self.config.validate()
-        if shutil.which(self.config.qemu) is None:
-            raise NestedError("starting L1", detail=f"{self.config.qemu} is not installed "
+        if not self.config.qemu:
+            self.config.qemu = tuple(l1_qemu().argv())
+        if shutil.which(self.config.qemu[0]) is None:
+            raise NestedError("starting L1", detail=f"{self.config.qemu[0]} is not installed "
                               "(make deps installs qemu-system-x86)")
         self.kernel = unpack()
         self.initrd = build_l1_initramfs(self.kernel)
@@ -123,10 +141,12 @@ class L1Harness:
 
     def _qemu_argv(self, scratch: Path, mode: str, interactive: bool, mux: bool = True) -> list[str]:
         cache = cache_root()
-        append = ["console=ttyS0", "panic=-1", "quiet", "loglevel=1",
+        # nokaslr: saved kallsyms then name the addresses a wedged L1's vCPUs sit at (watch.py)
+        append = ["console=ttyS0", "panic=-1", "quiet", "loglevel=1", "nokaslr",
                   f"kvmpy.scratch={_check_share_path(scratch)}",
-                  f"kvmpy.cache={_check_share_path(cache)}", f"kvmpy.mode={mode}"]
-        argv = [self.config.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
+                  f"kvmpy.cache={_check_share_path(cache)}", f"kvmpy.mode={mode}",
+                  *os.environ.get("KVMPY_L1_APPEND", "").split()]   # experiments with L1's kernel
+        argv = [*(self.config.qemu or (SYSTEM_QEMU,)), "-accel", "tcg,thread=multi", "-cpu", "max",
                 "-smp", str(self.config.cpus), "-m", f"{self.config.memory_mib}M",
                 "-M", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-kernel", str(self.kernel.vmlinux), "-initrd", str(self.initrd),
@@ -144,16 +164,26 @@ class L1Harness:
             fsdev = f"local,id={tag},path={path},security_model=none,multidevs=remap"
             argv += ["-fsdev", fsdev + (",readonly=on" if readonly else ""),
                      "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
-        monitor = os.environ.get("KVMPY_L1_MONITOR")
-        if monitor and not (interactive and mux):
+        monitor = self._monitor_path(scratch, interactive, mux)
+        if monitor is not None:
             # QEMU's HMP monitor of L1 on a Unix socket: `info registers -a` shows where an L1
-            # that stopped making progress spins (symbolize with the kernel's System.map)
+            # that stopped making progress spins (watch.diagnose samples and symbolizes it)
             argv += ["-monitor", f"unix:{monitor},server=on,wait=off"]
         if self.config.disk is not None:
             drive = f"file={_check_share_path(Path(self.config.disk))},format=raw,if=none,id=l1disk"
             argv += ["-drive", drive + ",snapshot=on",
                      "-device", f"virtio-blk-pci,drive=l1disk,serial={L1_DISK_SERIAL}"]
         return argv
+
+    @staticmethod
+    def _monitor_path(scratch: Path, interactive: bool, mux: bool) -> Path | None:
+        """KVMPY_L1_MONITOR if set (to look yourself), else one in scratch for run mode."""
+        if interactive and mux:
+            return None          # the monitor is on the terminal already (Ctrl-A c)
+        given = os.environ.get("KVMPY_L1_MONITOR")
+        if given:
+            return Path(given)
+        return None if interactive else scratch / watch.MONITOR_SOCKET
 
     def _write_scratch(self, scratch: Path, command: str, cwd: Path,
                        env: Mapping[str, str]) -> None:
@@ -171,9 +201,12 @@ class L1Harness:
         (scratch / "cmd.sh").write_text(command + "\n")
 
     def run(self, command: str, cwd: Path | None = None,
-            env: Mapping[str, str] | None = None, out: BinaryIO | None = None) -> NestedResult:
+            env: Mapping[str, str] | None = None, out: BinaryIO | None = None,
+            watch_factory: Callable[[Path], watch.L1Watch] = watch.L1Watch) -> NestedResult:
         """Boot L1, run `command` (sh syntax) in the chroot at `cwd`, stream its output to
-        `out` (default stdout), power off. Raises NestedError if L1 never got ready."""
+        `out` (default stdout), power off. Raises NestedError if L1 never got ready, and
+        L1WedgedError (with a diagnosis) when `watch_factory(scratch)`'s watch says L1 stopped
+        making progress."""
         out = out or sys.stdout.buffer
         cwd = (cwd or Path.cwd()).resolve()
         scratch = Path(tempfile.mkdtemp(prefix="kvmpy-nested-", dir="/tmp"))
@@ -183,14 +216,16 @@ class L1Harness:
             argv = self._qemu_argv(scratch, "run", interactive=False)
             with console_log.open("wb") as logf:
                 logf.write(("$ " + shlex.join(argv) + "\n").encode())
-                result = self._supervise(argv, logf, out, scratch, console_log)
+                result = self._supervise(argv, logf, out, scratch, console_log,
+                                         watch_factory(scratch))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return result
 
     def _supervise(self, argv: list[str], logf: BinaryIO, out: BinaryIO, scratch: Path,
-                   console_log: Path) -> NestedResult:
+                   console_log: Path, l1_watch: watch.L1Watch | None = None) -> NestedResult:
         cfg = self.config
+        l1_watch = l1_watch or watch.L1Watch(scratch)
         start = time.monotonic()
         init_s = ready_s = done_s = None
         rc: int | None = None
@@ -203,14 +238,25 @@ class L1Harness:
         sel.register(fd, selectors.EVENT_READ)
         pending = b""
         failure: str | None = None
+        wedged: str | None = None
+        diagnosis = ""
+        next_check = 0.0
         try:
             while True:
                 now = time.monotonic() - start
+                if ready_s is not None and rc is None and now >= next_check:
+                    next_check = now + 1.0
+                    wedged = l1_watch.check()
+                    if wedged is None and now - ready_s > cfg.command_timeout_s:
+                        wedged = f"command still running after {cfg.command_timeout_s:.0f}s"
+                    if wedged is not None:
+                        failure = f"L1 stopped making progress: {wedged}"
+                        diagnosis = self._diagnose(scratch, out, failure,
+                                                   quick=l1_watch.heartbeat_stopped)
+                        logf.write(diagnosis.encode() + b"\n")
+                        break
                 if ready_s is None and now > cfg.boot_timeout_s:
                     failure = f"L1 not ready after {cfg.boot_timeout_s:.0f}s"
-                    break
-                if ready_s is not None and rc is None and now - ready_s > cfg.command_timeout_s:
-                    failure = f"command still running after {cfg.command_timeout_s:.0f}s"
                     break
                 if done_s is not None and now - done_s > cfg.shutdown_grace_s:
                     break  # L1 did not power off in time: kill it, the result is known
@@ -237,6 +283,11 @@ class L1Harness:
                         continue
                     elif text.startswith(initscripts.L1_FAIL_MARKER):
                         failure = "L1 setup failed: " + text[len(initscripts.L1_FAIL_MARKER):]
+                    elif text.startswith(initscripts.L1_KEYPIN_MARKER) and "failed" in text:
+                        # not fatal: tests still run, but L1 may wedge on kernel text patching
+                        print("nested: warning: L1 did not hold KVM's static keys ("
+                              + text[len(initscripts.L1_KEYPIN_MARKER):].strip().replace(";", "; ")
+                              + "): see kvmpy/nested/keypin.py", file=sys.stderr, flush=True)
                     if (ready_s is not None and rc is None) or cfg.echo_boot:
                         out.write(line + b"\n")
                         out.flush()
@@ -252,6 +303,15 @@ class L1Harness:
         command_s = (done_s - ready_s) if (done_s is not None and ready_s is not None) else None
         if rc is None:
             rc = _read_rc_file(scratch)
+        if wedged is None and rc is None and ready_s is not None and failure is None:
+            # L1 itself ended under the command (a kernel panic: panic=-1 and -no-reboot): the
+            # same for a tier-2 driver as a wedge, with the console's last lines as diagnosis
+            wedged = f"L1 ended under the command (QEMU exit status {proc.returncode})"
+            diagnosis = "--- L1 console, last lines ---\n" + _tail(console_log, 60)
+            out.write(f"\nnested: {wedged}\n{diagnosis}\n".encode(errors="replace"))
+            out.flush()
+        if wedged is not None:
+            raise L1WedgedError(wedged, diagnosis, l1_watch.progress, console_log)
         if rc is None:
             reason = failure or f"L1 exited (qemu status {proc.returncode}) without a result"
             raise NestedError("running a command in L1",
@@ -259,6 +319,33 @@ class L1Harness:
                                      + _tail(console_log))
         return NestedResult(rc=rc, init_s=init_s, ready_s=ready_s, command_s=command_s,
                             total_s=total, console_log=console_log)
+
+    def _diagnose(self, scratch: Path, out: BinaryIO, failure: str, quick: bool = False) -> str:
+        """`quick`: L1's heartbeat stopped, so its init will hardly answer: wait 10 s for it."""
+        out.write(f"\nnested: {failure}; asking L1 where it is stuck (about a minute)\n".encode())
+        out.flush()
+        monitor = self._monitor_path(scratch, interactive=False, mux=False)
+
+        def symbolizer(modules_text: str) -> watch.Symbolizer:
+            kernel = getattr(self, "kernel", None)
+            if kernel is None:
+                return watch.Symbolizer(None, modules_text)
+            try:
+                paths = module_index(kernel.modules_dir)
+            except OSError:
+                paths = {}
+            # Debian's System.map is a stub; L1's first boot saved its kallsyms (nokaslr)
+            return watch.Symbolizer(watch.kallsyms_path(cache_root(), kernel.release),
+                                    modules_text, paths)
+        try:
+            text = watch.diagnose(monitor, scratch, symbolizer,
+                                  dump_wait_s=min(10.0, self.config.diagnosis_wait_s) if quick
+                                  else self.config.diagnosis_wait_s)
+        except Exception as e:  # noqa: BLE001 - a failure path must not hide the failure
+            text = f"--- L1 diagnosis failed: {e!r}"
+        out.write(text.encode(errors="replace") + b"\n")
+        out.flush()
+        return text
 
     def shell(self, command: str | None = None) -> int:
         """An interactive bash in L1's chroot on this terminal (Ctrl-A x quits QEMU); or, with

@@ -29,7 +29,7 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
                  "ext4", "crc32c_generic")
 L1_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay",
-              "kvm_amd", "tun", "vhost_net", "virtio_net", "virtio_blk")
+              "kvm_amd", "tun", "vhost_net", "virtio_net", "virtio_blk", "bridge", "veth")
 FileSource = bytes | str | Path
 
 

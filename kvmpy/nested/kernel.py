@@ -202,7 +202,7 @@ def _modinfo_depends(ko: bytes) -> list[str]:
     raise NestedError("reading module info", detail="module has no .modinfo section")
 
 
-def _module_index(modules_dir: Path) -> dict[str, Path]:
+def module_index(modules_dir: Path) -> dict[str, Path]:
     """Module name (dashes as underscores) -> .ko path."""
     index: dict[str, Path] = {}
     order = modules_dir / "modules.order"
@@ -220,7 +220,7 @@ def resolve_modules(pkg: KernelPackage, wanted: list[str]) -> list[Path]:
 
     Names built into the kernel (modules.builtin) are dropped: nothing to load.
     """
-    index = _module_index(pkg.modules_dir)
+    index = module_index(pkg.modules_dir)
     builtin_file = pkg.modules_dir / "modules.builtin"
     builtin = {Path(l).name.split(".ko")[0].replace("-", "_")
                for l in builtin_file.read_text().split()} if builtin_file.exists() else set()

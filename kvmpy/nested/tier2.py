@@ -17,8 +17,7 @@ from typing import Sequence
 
 from kvmpy.errors import NestedError
 from kvmpy.nested import initscripts
-from kvmpy.nested.kernel import REPO_ROOT
-from kvmpy.hostinfo import host_kvm_kind  # noqa: F401  (re-exported for tests)
+from kvmpy.cli.info import host_kvm_kind  # noqa: F401  (re-exported for tests)
 
 COMMAND_LINE_MAX = 2048           # x86 COMMAND_LINE_SIZE
 DEFAULT_GUEST_APPEND = "console=ttyS0 panic=-1 reboot=t quiet"
@@ -87,7 +86,7 @@ def qemu_guest_argv(kernel: Path, initrd: Path, append: str = DEFAULT_GUEST_APPE
 
 def kvmpy_guest_argv(kernel: Path, initrd: Path, append: str = DEFAULT_GUEST_APPEND,
                      memory: str = "512M", disk: Path | None = None) -> list[str]:
-    """kvmpy's own boot command (kvmpy/bootargs.py flags) for tier-2 tests."""
+    """kvmpy's own boot command (kvmpy/cli/bootargs.py flags) for tier-2 tests."""
     argv = [sys.executable, "-m", "kvmpy", "boot", "--kernel", str(kernel),
             "--initrd", str(initrd), "--append", append, "--serial", "stdio",
             "--no-reboot", "-m", memory]
@@ -110,10 +109,62 @@ class GuestRun:
         return "\n".join(self.output.splitlines()[-lines:])
 
 
+# What kvmpy's state report shows for the livelock below kvmpy that nested SVM on QEMU TCG (L1)
+# sometimes falls into before the guest prints anything: the vCPU re-injecting a #PF for an
+# instruction fetch at an address the guest never mapped, with no exit to userspace (see the
+# issue notes of the TSC-deadline change; seen again once in a fresh clone's first boot).
+L1_LIVELOCK_SIGNATURE = ("events: exception 14 injected", "is not mapped)")
+TRIPLE_FAULT_STATUS = 3         # kvmpy's exit status for a guest that shut down by triple fault
+
+
+def is_l1_livelock(run: "GuestRun") -> bool:
+    """A kvmpy guest that timed out in the known L1 livelock (not a kvmpy failure to judge)."""
+    return run.timed_out and run.init_s is None and all(s in run.output for s in L1_LIVELOCK_SIGNATURE)
+
+
+def l1_artifact(run: "GuestRun") -> str | None:
+    """What went wrong below kvmpy, if a kvmpy guest ended the way L1's memory corruption ends
+    stock kernels before their init (None otherwise): the #PF livelock, or a triple fault.
+    L1 (nested SVM under QEMU TCG) has been seen to lose its guests' writes: a fresh CI boot's
+    guest triple-faulted 6 s into its kernel with nothing else failing, and L1 itself panicked
+    with corrupted kernel stacks in other runs. A guest that gets as far as its init is judged."""
+    if is_l1_livelock(run):
+        return "the known L1 #PF livelock before init"
+    if (not run.timed_out and run.init_s is None and run.exit_status == TRIPLE_FAULT_STATUS
+            and "triple fault" in run.output):
+        return "a triple fault before init"
+    return None
+
+
 def run_guest(argv: Sequence[str], timeout_s: float = 120.0, log_path: Path | None = None,
-              grace_s: float = 15.0) -> GuestRun:
+              grace_s: float = 15.0, rerun_livelock: bool = True) -> GuestRun:
     """Run a VMM until it exits, `timeout_s` passes, or `grace_s` after the test-rc marker
-    (a guest that fails to power off does not cost a whole timeout). Always reaped."""
+    (a guest that fails to power off does not cost a whole timeout). Always reaped.
+
+    A kvmpy guest that ended before its init the way L1's corruption ends guests (l1_artifact:
+    the #PF livelock, a triple fault) is run once more, saying so in its output and keeping the
+    first run's log beside the second: a second occurrence in a row still fails the test. Guests
+    that depend on each other (rerun_livelock=False) are rerun together by their test instead. A
+    migration's destination (`--incoming`) is never rerun: its guest came from a source that is
+    gone by then, and never prints the init marker, so "before init" cannot be told from a
+    migrated guest that fell into the same state (that must fail its test)."""
+    first = _run_guest_once(argv, timeout_s, log_path, grace_s)
+    what = l1_artifact(first) if (rerun_livelock and _is_kvmpy(argv) and "--incoming" not in argv) else None
+    if what is None:
+        return first
+    if log_path is not None:
+        log_path.rename(log_path.with_suffix(".l1-livelock.log"))
+    print(f"tier2: the guest hit {what} (L1's, nested SVM under TCG); running it once more "
+          f"(first run's log: {log_path.with_suffix('.l1-livelock.log') if log_path else '-'})",
+          file=sys.stderr, flush=True)
+    second = _run_guest_once(argv, timeout_s, log_path, grace_s)
+    second.output = (f"--- first run hit {what} (nested SVM on TCG) and was rerun ---\n"
+                     + second.output)
+    return second
+
+
+def _run_guest_once(argv: Sequence[str], timeout_s: float, log_path: Path | None,
+                    grace_s: float) -> GuestRun:
     start = time.monotonic()
     try:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -211,39 +262,3 @@ def _hang_report(proc: subprocess.Popen, fd: int, sel: selectors.BaseSelector,
     out += ("--- its threads in the host kernel (before the report) ---\n"
             + "\n".join(threads) + "\n").encode()
     return bytes(out)
-
-
-# --- the `make test-tier2` driver --------------------------------------------------------
-
-def prebuild_images() -> None:
-    """Build what tier-2 tests need on the host, where Python is ~10x faster than in L1;
-    the shared cache makes them hits inside L1."""
-    from kvmpy.nested.images import build_guest_initramfs, build_l1_initramfs
-    from kvmpy.nested.kernel import unpack
-    kernel = unpack()
-    build_l1_initramfs(kernel)
-    build_guest_initramfs(kernel)
-
-
-def run_tier2(pytest_args: Sequence[str] = (), command_timeout_s: float = 1080.0) -> int:
-    """Run tests/tier2 where it can really run; exit status of pytest, or 2 with a reason."""
-    mode = tier2_mode()
-    print(f"tier2: {mode.reason}", flush=True)
-    # Plugin loading is ~10x slower in L1; tier 2 needs neither hypothesis' nor the cache.
-    pytest_argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:hypothesispytest",
-                   "-p", "no:cacheprovider", TIER2_DIR, *pytest_args]
-    if mode.kind in ("inside", "direct"):
-        return subprocess.call(pytest_argv, cwd=REPO_ROOT)
-    if mode.kind == "unavailable":
-        print(f"tier2: FAILED: cannot run tier 2 here: {mode.reason}", file=sys.stderr)
-        return 2
-    from kvmpy.nested.harness import HarnessConfig, L1Harness
-    prebuild_images()
-    harness = L1Harness(HarnessConfig(command_timeout_s=command_timeout_s))
-    import shlex
-    result = harness.run(shlex.join(pytest_argv), cwd=REPO_ROOT)
-    print(f"nested: {result.timings()}", flush=True)
-    if result.rc != 0:
-        print(f"nested: tier 2 failed (status {result.rc}); L1 console log: "
-              f"{result.console_log}", file=sys.stderr)
-    return result.rc
