@@ -1,7 +1,10 @@
 /* Multiboot v1 a.out-kludge guest (flag bit 16): a flat image whose header gives the load
  * addresses. Prints a marker and leaves through debug-exit with status 2*0x11+1 = 35. */
 #include "boot_common.inc"
-	.set LOAD, 0x200000
+#ifndef LOAD_ADDR
+#define LOAD_ADDR 0x200000             /* mb_aout_low.bin: 0x8000, below the loader's usual tables */
+#endif
+	.set LOAD, LOAD_ADDR
 	.text
 	.code32
 	.globl _start

@@ -142,3 +142,30 @@ def test_hostile_access_sequences_never_raise_and_keep_state_valid(ops):
             assert len(pm.read(offset, size)) == size
     pm.state().validate()
     AcpiPm(on_poweroff=lambda: None, on_reset=lambda: None).restore(pm.state())
+
+
+class _Line:
+    def __init__(self) -> None:
+        self.level = False
+
+    def set_level(self, high: bool) -> None:
+        self.level = bool(high)
+
+
+def test_power_button_raises_the_sci_only_while_enabled_and_pending():
+    from kvmpy.devices.acpi_pm import PM1_EN_OFFSET, PM1_STS_OFFSET, PWRBTN_STS, AcpiPm
+    sci = _Line()
+    pm = AcpiPm(on_poweroff=lambda: None, on_reset=lambda: None, sci=sci)
+    pm.press_power_button()
+    assert int.from_bytes(pm.read(PM1_STS_OFFSET, 2), "little") & PWRBTN_STS
+    assert not sci.level                                     # the guest has not enabled it
+    pm.write(PM1_EN_OFFSET, PWRBTN_STS.to_bytes(2, "little"))
+    assert sci.level                                         # enabled and pending: SCI up
+    pm.write(PM1_STS_OFFSET, PWRBTN_STS.to_bytes(2, "little"))   # write 1 to clear
+    assert not sci.level and not int.from_bytes(pm.read(PM1_STS_OFFSET, 2), "little") & PWRBTN_STS
+    pm.press_power_button()
+    assert sci.level
+    fresh_sci = _Line()
+    other = AcpiPm(on_poweroff=lambda: None, on_reset=lambda: None, sci=fresh_sci)
+    other.restore(pm.state())                                # a restored pending press keeps the SCI up
+    assert fresh_sci.level

@@ -124,6 +124,7 @@ def test_fadt_fields_at_acpi6_offsets(mem):
     assert boot_arch & 0b11 == 0b11 and not boot_arch & (1 << 3), "legacy+8042 set, MSI not disabled"
     flags = struct.unpack_from("<I", fadt, 112)[0]
     assert flags & (1 << 10) and not flags & (1 << 20), "RESET_REG_SUP, not HW_REDUCED_ACPI"
+    assert not flags & (1 << 4), "PWR_BUTTON clear: the fixed power button exists (system_powerdown)"
     assert gas(fadt, 116) == (1, 8, 0, 1, 0x60C) and fadt[128] == RESET_VALUE
     assert fadt[131] == 0                                                  # FADT minor version
     assert gas(fadt, 148) == (1, 32, 0, 0, 0x600)                          # X_PM1a_EVT_BLK

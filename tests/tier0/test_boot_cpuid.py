@@ -133,7 +133,7 @@ def test_tsc_deadline_follows_the_kvm_capability(host):
 def test_tsc_deadline_is_opt_in_on_the_command_line(tmp_path):
     """Off unless asked for: with it, boots under nested SVM on QEMU TCG hung now and then."""
     from kvmpy.cli import build_parser
-    from kvmpy.vmconfig import MachineConfig
+    from kvmpy.machine.config import MachineConfig
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(b"x")
     parser = build_parser()

@@ -87,7 +87,8 @@ def test_header_search_rules():
     (aout_image(entry_off=0x100000), "entry_addr"),
     (aout_image(load_end=0x1000), "below load_addr"),
     (multiboot_header(AOUT, (0x100000, 0x100010, 0, 0, 0x100010)) + CODE, "above header_addr"),
-    (multiboot_header(AOUT, (0x80000, 0x80000, 0, 0, 0x80000)) + CODE, "below 1 MiB"),
+    (multiboot_header(AOUT, (0x800, 0x800, 0, 0, 0x800)) + CODE, "below 1 MiB"),             # over the GDT
+    (multiboot_header(AOUT, (0x9F800, 0x9F800, 0, 0, 0x9F800)) + CODE, "below 1 MiB"),       # the EBDA
     (multiboot_header(AOUT, (0x100000, 0x100000, 0, 0x3000000, 0x100000)) + CODE, "not inside guest RAM"),
     (multiboot_header(AOUT, (0x100000, 0x100000, 0x200000, 0, 0x100000)) + CODE, "truncated"),
     (multiboot_header(0) + CODE, "not ELF"),
@@ -96,3 +97,42 @@ def test_header_search_rules():
 def test_bad_multiboot_rejected(mem, tmp_path, image, reason):
     with pytest.raises(BootError, match=reason):
         load_kernel(mem, write(tmp_path, "mb", image), "")
+
+
+def test_elf_segment_below_1mib_moves_the_tables_above_the_kernel(mem, tmp_path):
+    """16-bit test code at 0x8000 (over kvmpy's usual multiboot_info, memory map and stack) and
+    the rest at 1 MiB: the tables go above the kernel instead of being refused."""
+    low = b"\xEA" * 0x2000                                           # 0x8000..0x9fff
+    text = multiboot_header(3) + CODE
+    image = make_elf([(0x100000, text, len(text)), (0x8000, low, 0x3000)], 0x100000, bits=32)
+    entry = load_kernel(mem, write(tmp_path, "mb.elf", image), "low=1", write(tmp_path, "m.img", b"M" * 100))
+    assert mem.read(0x8000, 0x2000) == low and mem.read(0xA000, 0x1000) == bytes(0x1000)
+    info_addr = entry.rbx
+    assert info_addr >= 0x100000 + len(text)
+    f = struct.unpack("<29I", mem.read(info_addr, 0x74))
+    assert mem.read(f[4], 6) == b"low=1\0" and f[4] > info_addr
+    mod_start, mod_end, string, _ = struct.unpack("<4I", mem.read(f[6], 16))
+    assert mem.read(mod_start, 100) == b"M" * 100 and mem.read(string, 6) == b"m.img\0"
+    spans = sorted((r.gpa, r.end) for r in entry.regions if r.size)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))       # nothing overlaps
+
+
+def test_several_modules_as_qemu_takes_them(mem, tmp_path):
+    image = aout_image()
+    a, b = write(tmp_path, "a.bin", b"A" * 5000), write(tmp_path, "b,c.bin", b"B" * 10)
+    entry = load_kernel(mem, write(tmp_path, "mb", image), "", f"{a} arg1 arg2,{b.replace(',', ',,')}")
+    f = info(mem)
+    assert f[0] & 8 and f[5] == 2
+    mods = [struct.unpack("<4I", mem.read(f[6] + 16 * i, 16)) for i in range(2)]
+    assert [mem.read(s, e - s) for s, e, _, _ in mods] == [b"A" * 5000, b"B" * 10]
+    assert mods[0][1] <= mods[1][0] and all(s % 4096 == 0 for s, _, _, _ in mods)
+    assert mem.read(mods[0][2], 16) == b"a.bin arg1 arg2\0" and mem.read(mods[1][2], 8) == b"b,c.bin\0"
+    assert entry.region("initrd").size == 5000
+
+
+def test_several_modules_are_for_multiboot_only(mem, tmp_path):
+    pvh = make_elf([(0x1000000, b"\xF4" * 16, 0x1000)], 0x1000000,
+                   notes=[(b"Xen", 18, struct.pack("<Q", 0x1000000))])
+    a, b = write(tmp_path, "a", b"A"), write(tmp_path, "b", b"B")
+    with pytest.raises(BootError, match="only multiboot kernels"):
+        load_kernel(mem, write(tmp_path, "pvh", pvh), "", f"{a},{b}")

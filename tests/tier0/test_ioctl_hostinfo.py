@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvmpy import hostinfo
+from kvmpy.cli import info as hostinfo
 
 
 def test_kind_is_none_without_a_device(tmp_path):

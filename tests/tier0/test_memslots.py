@@ -84,7 +84,7 @@ def test_booting_needs_no_numpy(tmp_path):
     from test_boot_support import make_bzimage
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(make_bzimage())
-    code = ("import sys, kvmpy.machine, kvmpy.bootcmd\n"
+    code = ("import sys, kvmpy.machine, kvmpy.cli.boot\n"
             "from kvmpy.memslots import GuestMemory\n"
             "from kvmpy.boot import load_kernel\n"
             "m = GuestMemory.create(64 << 20)\n"

@@ -17,6 +17,7 @@ from kvmpy.nested.harness import HarnessConfig, L1Harness
 def fake_harness(**overrides) -> L1Harness:
     """An L1Harness without the kernel/initramfs setup: only _supervise is exercised."""
     h = object.__new__(L1Harness)
+    overrides.setdefault("diagnosis_wait_s", 0.5)
     h.config = HarnessConfig(**overrides)
     return h
 
@@ -154,7 +155,8 @@ def test_tier2_mode(monkeypatch):
     monkeypatch.setattr(tier2.shutil, "which", lambda name: None)
     mode = tier2.tier2_mode()
     assert mode.kind == "unavailable" and "vmx/svm" in mode.reason
-    assert tier2.run_tier2() == 2
+    from kvmpy.nested import tier2driver
+    assert tier2driver.run_tier2() == 2
 
 
 def test_cli_run_without_a_command_is_a_usage_error(capsys):
@@ -162,7 +164,7 @@ def test_cli_run_without_a_command_is_a_usage_error(capsys):
     assert "give a command" in capsys.readouterr().err
 
 
-def test_l1_monitor_socket_only_when_asked_for(tmp_path, monkeypatch):
+def test_l1_monitor_socket_in_scratch_unless_given(tmp_path, monkeypatch):
     from types import SimpleNamespace
     h = fake_harness()
     h.kernel = SimpleNamespace(vmlinux=tmp_path / "vmlinux")
@@ -170,7 +172,21 @@ def test_l1_monitor_socket_only_when_asked_for(tmp_path, monkeypatch):
     monkeypatch.setattr("kvmpy.nested.harness.cache_root", lambda: tmp_path)
     monkeypatch.setattr("kvmpy.nested.harness._check_share_path", lambda p: str(p))
     monkeypatch.delenv("KVMPY_L1_MONITOR", raising=False)
-    assert "-monitor" not in h._qemu_argv(tmp_path, "run", interactive=False)
+    argv = h._qemu_argv(tmp_path, "run", interactive=False)
+    # the watch's diagnosis needs it on every run; nokaslr lets System.map name addresses
+    assert argv[argv.index("-monitor") + 1] == f"unix:{tmp_path / 'l1-monitor.sock'},server=on,wait=off"
+    assert "nokaslr" in argv[argv.index("-append") + 1].split()
+    assert "-monitor" not in h._qemu_argv(tmp_path, "shell", interactive=True)   # on the tty
     monkeypatch.setenv("KVMPY_L1_MONITOR", str(tmp_path / "mon.sock"))
     argv = h._qemu_argv(tmp_path, "run", interactive=False)
     assert argv[argv.index("-monitor") + 1] == f"unix:{tmp_path / 'mon.sock'},server=on,wait=off"
+
+
+def test_l1_that_dies_under_the_command_is_reported_like_a_wedge(tmp_path):
+    """A kernel panic ends QEMU (panic=-1, -no-reboot): the tier-2 driver must see it as L1's
+    failure, with the panic on the console as the diagnosis, not as a harness error."""
+    from kvmpy.nested.harness import L1WedgedError
+    with pytest.raises(L1WedgedError) as err:
+        supervise(tmp_path, "echo KVMPY-L1-READY; echo 'Kernel panic - not syncing: corrupted stack end'; exit 0")
+    assert "L1 ended under the command" in err.value.reason
+    assert "corrupted stack end" in err.value.diagnosis

@@ -1,4 +1,4 @@
-from kvmpy.panicwatch import PanicWatch
+from kvmpy.machine.panicwatch import PanicWatch
 
 
 def test_forwards_everything_and_keeps_the_first_panic_line():

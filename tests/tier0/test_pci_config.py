@@ -188,15 +188,15 @@ def test_intx_disable_bit(setup):
 def test_state_round_trip(setup):
     root, dev, slot, *_ = setup
     cfg_write(root, slot, 0x3C, 5, 1)
-    s, ms = dev.pci_state(), dev.msix.state()
+    s, ms = dev.state(), dev.msix.state()
     other = Dummy()
-    other.pci_restore(s)
+    other.restore(s)
     other.msix.restore(ms)
-    assert other.pci_state() == s and other.msix.state() == ms
+    assert other.state() == s and other.msix.state() == ms
     bad = bytearray(s.config)
     bad[0] ^= 1
     with pytest.raises(StateError):
-        other.pci_restore(type(s)(bytes(bad)))
+        other.restore(type(s)(bytes(bad)))
     with pytest.raises(StateError):
         other.msix.restore(type(ms)(ms.table[:-1], 0))
 

@@ -11,7 +11,7 @@ from kvmpy.devices.virtio.blk import (S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUS
                                       parse_drive_spec)
 from kvmpy.devices.virtio import fastpath
 from kvmpy.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
-from kvmpy.devices.virtio.mock_driver import BumpAllocator, MockPciDriver
+from support.mock_driver import BumpAllocator, MockPciDriver
 from kvmpy.devices.virtio.transport import VirtioPciDevice
 from kvmpy.errors import ConfigError, DeviceError, StateError
 from kvmpy.memslots import GuestMemory

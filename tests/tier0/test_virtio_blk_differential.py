@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import struct
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +21,12 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from kvmpy.devices.virtio import fastpath
 from kvmpy.devices.virtio.blk import T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, DriveSpec, VirtioBlk
 from kvmpy.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
-from kvmpy.devices.virtio.mock_driver import BumpAllocator, MockPciDriver, MockQueue
+from support.mock_driver import BumpAllocator, MockPciDriver, MockQueue
+from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT
 from kvmpy.devices.virtio.transport import VirtioPciDevice
 from kvmpy.memslots import GuestMemory
+
+from hypothesis_budget import examples
 
 RAM = 2 << 20
 SECTORS = 128
@@ -32,6 +37,7 @@ STATUSES = 0x3F000       # status bytes, 16 apart
 DATA = 0x40000           # data buffers up to RAM's end
 IMAGE = random.Random(5).randbytes(SECTORS * 512)
 PATTERN = random.Random(6).randbytes(RAM - DATA)
+PLAY_LIMIT_S = 5.0        # one world's whole scenario (normally milliseconds)
 
 
 def test_c_path_is_built():
@@ -120,6 +126,9 @@ def big_read_op(draw):
             "tame")
 
 
+# a looping chain built on purpose (random descriptors almost never loop): k descriptors, the
+# last pointing back to entry `back`, in the ring or inside an indirect table
+loop_op_st = st.tuples(st.just("loop"), st.sampled_from(["direct", "indirect"]), st.integers(1, 16), st.integers(0, 15))
 desc_st = st.tuples(st.integers(0, 2**64 - 1) | addr_st, st.integers(0, 2**32 - 1) | len_st,
                     st.integers(0, 7), st.integers(0, 0xFFFF) | st.integers(0, 16))
 tame_op_st = weighted((5, plain_op()), (1, request_op()), (2, big_read_op()), (2, st.just(("notify",))))
@@ -132,7 +141,13 @@ op_st = st.one_of(
     st.tuples(st.just("event"), st.integers(0, 0xFFFF) | st.integers(0, 8)),
     st.tuples(st.just("noint"), st.booleans()),
     st.tuples(st.just("poke"), st.integers(0, RAM - 16) | st.integers(RINGS, RINGS + 0x400), st.binary(min_size=1, max_size=16)),
+    loop_op_st, loop_op_st,
 )
+
+
+# requests, then a looping chain notified, then more: both paths must refuse it the same way
+looping_ops_st = st.tuples(st.lists(tame_op_st, max_size=8), loop_op_st, st.lists(tame_op_st, max_size=4)).map(
+    lambda parts: [*parts[0], parts[1], ("notify",), *parts[2]])
 
 
 # -- two worlds --------------------------------------------------------------------------------
@@ -221,6 +236,15 @@ def apply(w: World, op: tuple) -> None:
         q.set_no_interrupt(op[1])
     elif kind == "poke":
         mem.write(op[1], op[2])
+    elif kind == "loop":
+        _, where, k, back = op
+        k = min(k, q.size)
+        table = None if where == "direct" else INDIRECT + 512 * 8
+        for i in range(k):
+            q.write_desc(i, DATA + 512 * i, 512, VIRTQ_DESC_F_NEXT, i + 1 if i + 1 < k else back % k, table=table)
+        if table is not None:
+            q.write_desc(0, table, 16 * k, VIRTQ_DESC_F_INDIRECT)
+        q.publish(0)
 
 
 class _Collect(logging.Handler):
@@ -232,20 +256,49 @@ class _Collect(logging.Handler):
         self.world.logs.append(record.getMessage().replace(str(self.world.path), "IMG"))
 
 
+class WalkerHung(BaseException):
+    """Not an Exception on purpose: hypothesis stops at once instead of shrinking (each retry
+    of a hanging walker would cost the whole time limit and grow its lists by gigabytes)."""
+
+
+_PLAYING: list[list[tuple]] = []   # the scenario being played, for the hang message
+
+
+def _expire(signum, frame):  # type: ignore[no-untyped-def]
+    raise WalkerHung(f"a notify did not finish within {PLAY_LIMIT_S} s: a chain walker loops (ops: {_PLAYING[-1]!r})")
+
+
 def play(w: World, ops: list[tuple]) -> None:
+    """Apply `ops`, failing (not hanging) if the device never returns from a notify."""
     handler = _Collect(w)
     logger = logging.getLogger("kvmpy")
     logger.addHandler(handler)
+    _PLAYING.append(ops)
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, PLAY_LIMIT_S)
     try:
         for op in ops:
             apply(w, op)
         apply(w, ("notify",))
+    except WalkerHung as hung:
+        # drop the walker's locals (gigabytes of list by now): pytest keeps failures' tracebacks
+        traceback.clear_frames(hung.__traceback__)
+        hung.__traceback__ = None
+        message = str(hung)
+    else:
+        message = None
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        _PLAYING.pop()
         logger.removeHandler(handler)
+    if message is not None:
+        raise WalkerHung(message)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=weighted((2, st.lists(tame_op_st, min_size=1, max_size=14)), (1, st.lists(op_st, max_size=14))), qsize=st.sampled_from([4, 8, 16]),
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=weighted((2, st.lists(tame_op_st, min_size=1, max_size=14)), (1, st.lists(op_st, max_size=14)),
+                   (1, looping_ops_st)), qsize=st.sampled_from([4, 8, 16]),
        features_mask=st.sampled_from([0, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX,
                                       VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX]),
        cache=st.sampled_from(["writeback", "none"]), readonly=weighted((3, st.just(False)), (1, st.just(True))))
@@ -259,6 +312,7 @@ def test_c_and_python_paths_agree(tmp_path_factory, ops, qsize, features_mask, c
         done = c.blk._cblk.completed
         event(f"C loop completed {'none' if not done else 'some' if done < 4 else 'many'} requests")
         event(f"device broken: {py.dev.broken}")
+        event(f"looping chains built: {'yes' if any(op[0] == 'loop' for op in ops) else 'no'}")
         assert c.used == py.used
         assert c.dev.broken == py.dev.broken
         assert c.logs == py.logs

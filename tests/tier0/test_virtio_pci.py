@@ -1,14 +1,13 @@
 """virtio-pci modern transport driven by the mock driver: capabilities, negotiation, reset,
 interrupts (MSI-X and INTx), broken queues, PCI_CFG window, state round trip (no /dev/kvm)."""
-import struct
 
 import pytest
 
 from kvmpy.devices.irq import RecordingIrqLine
 from kvmpy.devices.pci import PciRoot
-from kvmpy.devices.virtio.device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+from kvmpy.devices.virtio.device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK,
                                          VIRTIO_F_VERSION_1)
-from kvmpy.devices.virtio.mock_driver import BumpAllocator, MockPciDriver
+from support.mock_driver import BumpAllocator, MockPciDriver
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from kvmpy.devices.virtio.rng import VirtioRng
 from kvmpy.devices.virtio.transport import NOTIFY_OFFSET, VirtioPciDevice

@@ -1,14 +1,21 @@
 """Split virtqueue: normal use through the mock driver, and hostile rings (no /dev/kvm).
 Every test runs twice: the pure-Python walker and the C one (fastpath.ENABLED)."""
+import re
+import signal
+import struct
+import traceback
+
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from kvmpy.devices.virtio import fastpath
-from kvmpy.devices.virtio.mock_driver import MockQueue
+from support.mock_driver import MockQueue
 from kvmpy.devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, QueueError,
                                         Virtqueue, need_event, slice_segments)
 from kvmpy.errors import StateError
 from kvmpy.memslots import GuestMemory
+
+from hypothesis_budget import examples
 
 RAM = 1 << 20
 QSIZE = 8
@@ -201,44 +208,242 @@ def test_state_round_trip(mem):
         other.restore(s)
 
 
-# -- hostile rings (property-based) ------------------------------------------------------------
+# -- hostile rings ----------------------------------------------------------------------------
+# The walker's outcome for any ring is fixed by the rules (virtio 1.2, 2.7.5 and 2.7.5.3): the
+# reference walk below states them once, independently of both walkers, and every hostile ring
+# must give exactly its chain or exactly its error, on both data paths.
+INDIRECT_TABLE = 0xA000
+GUARD = 0x20000
+POP_LIMIT_S = 1.0
+
+
+class WalkerHung(BaseException):
+    """Not an Exception on purpose: hypothesis stops at once instead of shrinking (each retry
+    of a hanging walker would cost the whole time limit and grow its lists by gigabytes)."""
+
+
+def pop_bounded(vq):
+    """vq.pop(), failing (not hanging) if the walker never returns: a loop check gone missing
+    in the Python walker spins forever on a looping chain."""
+    def expire(signum, frame):
+        raise WalkerHung(f"pop() did not return within {POP_LIMIT_S} s: the walker loops")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, POP_LIMIT_S)
+    try:
+        return vq.pop()
+    except WalkerHung as hung:
+        message = forget_frames(hung)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    raise WalkerHung(message)
+
+
+def forget_frames(error: BaseException) -> str:
+    """The message of `error`, after dropping its frames' locals: a looping walker's lists are
+    gigabytes, and pytest keeps each failure's traceback until the end of the run."""
+    traceback.clear_frames(error.__traceback__)
+    error.__traceback__ = None
+    return str(error)
+
+
+def reference_walk(mem, desc_addr: int, size: int, head: int, indirect_ok: bool):
+    """(readable, writable) for the chain at `head`, or the error detail kvmpy must raise."""
+    if head >= size:
+        return f"head index {head} >= size {size}"
+    table, table_len, nested, idx, count = desc_addr, size, False, head, 0
+    readable: list[tuple[int, int]] = []
+    writable: list[tuple[int, int]] = []
+    while True:
+        if idx >= table_len:
+            return f"next index {idx} >= table length {table_len}"
+        count += 1
+        if count > table_len:  # more descriptors than the table holds: it loops
+            return "descriptor chain loops or exceeds the table"
+        addr, length, flags, nxt = struct.unpack("<QIHH", mem.read(table + 16 * idx, 16))
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            if not indirect_ok or nested or flags & VIRTQ_DESC_F_NEXT:
+                return f"indirect descriptor not allowed here (flags {flags:#x})"
+            if length == 0 or length % 16 or length // 16 > size:
+                return f"indirect table length {length} invalid"
+            if addr + length > RAM:
+                return f"indirect table [{addr:#x}+{length}] outside RAM"
+            table, table_len, nested, idx, count = addr, length // 16, True, 0, 0
+            continue
+        if addr + length > RAM:
+            return f"buffer [{addr:#x}+{length}] outside RAM"
+        if flags & VIRTQ_DESC_F_WRITE:
+            writable.append((addr, length))
+        elif writable:
+            return "readable descriptor after a writable one"
+        else:
+            readable.append((addr, length))
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return readable, writable
+        idx = nxt
+
+
+def expected_pops(mem, mq, size: int, indirect_ok: bool):
+    """The chains pop() must return in order, then the error it must raise (or None)."""
+    avail_idx = mem.read_u16(mq.avail_addr + 2)
+    if avail_idx > size:
+        return [], f"avail index jumped {avail_idx} entries ahead (size {size})"
+    chains = []
+    for i in range(avail_idx):
+        head = mem.read_u16(mq.avail_addr + 4 + 2 * (i % size))
+        result = reference_walk(mem, mq.desc_addr, size, head, indirect_ok)
+        if isinstance(result, str):
+            return chains, result
+        chains.append((head, *result))
+    return chains, None
+
+
+def check_against_reference(mem, mq, vq, indirect_ok: bool = True) -> str | None:
+    """Pop everything; the chains and the error must be the reference's. Returns the error."""
+    guard = bytes(range(256)) * 4
+    mem.write(GUARD, guard)
+    chains, error = expected_pops(mem, mq, QSIZE, indirect_ok)
+    for head, readable, writable in chains:
+        chain = pop_bounded(vq)
+        assert chain is not None, (head, readable, writable)
+        assert (chain.head, chain.readable, chain.writable) == (head, readable, writable)
+        vq.push(chain, 2**32)
+    last = vq.last_avail_idx
+    if error is None:
+        assert pop_bounded(vq) is None
+    else:
+        with pytest.raises(QueueError) as info:
+            pop_bounded(vq)
+        assert info.value.detail == error
+        assert vq.last_avail_idx == last, "a refused chain must not be consumed"
+    assert mq.used() == [(head, sum(n for _, n in w)) for head, _, w in chains]
+    assert mem.read(GUARD, len(guard)) == guard  # nothing wrote outside the rings
+    return error
+
+
 desc = st.tuples(st.integers(0, 2**64 - 1) | st.integers(0, RAM), st.integers(0, 2**32 - 1) | st.integers(0, 4096),
                  st.integers(0, 7), st.integers(0, 0xFFFF) | st.integers(0, QSIZE))
+OUTSIDE_RAM = [(RAM, 1), (RAM - 8, 9), (2**64 - 8, 16), (2**63, 2**32 - 1), (0x1000, 2**32 - 1)]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(table=st.lists(desc, min_size=QSIZE, max_size=QSIZE), heads=st.lists(st.integers(0, 0xFFFF), max_size=4),
-       avail_jump=st.integers(0, 0xFFFF), indirect=st.lists(desc, max_size=10),
-       event_idx=st.booleans())
-def test_hostile_rings_never_escape(mem, table, heads, avail_jump, indirect, event_idx):
+@st.composite
+def chain_table(draw, slots: list[int], kind: str, writable_ok: bool = True):
+    """Descriptors (index, addr, len, flags, next) for one chain through `slots` (in order):
+    well formed, looping back to an earlier slot, or with one buffer outside RAM."""
+    k = len(slots)
+    # a loop is all readable or all writable (else "readable after writable" would come first)
+    n_write = 0 if not writable_ok else draw(st.sampled_from([0, k]) if kind == "loop" else st.integers(0, k))
+    bad_at = draw(st.integers(0, k - 1))
+    out = []
+    for pos, i in enumerate(slots):
+        addr, length = 0x8000 + 0x200 * i, draw(st.integers(1, 0x200))
+        if kind == "out-of-ram" and pos == bad_at:
+            addr, length = draw(st.sampled_from(OUTSIDE_RAM))
+        flags = VIRTQ_DESC_F_WRITE if pos >= k - n_write else 0
+        nxt = slots[pos + 1] if pos + 1 < k else 0
+        if pos + 1 < k or kind == "loop":
+            flags |= VIRTQ_DESC_F_NEXT
+        if pos + 1 == k and kind == "loop":
+            nxt = slots[draw(st.integers(0, k - 1))]  # back to any slot, itself included
+        out.append((i, addr, length, flags, nxt))
+    return out
+
+
+@st.composite
+def hostile_shape(draw):
+    """A chain built to be hostile on purpose: (kind, where, direct descs, indirect descs)."""
+    kind = draw(st.sampled_from(["loop", "full", "out-of-ram", "table-out-of-ram"]))
+    where = draw(st.sampled_from(["direct", "indirect"]))
+    order = draw(st.permutations(range(QSIZE)))
+    if kind == "table-out-of-ram":
+        where = "indirect"
+    if where == "direct":
+        k = QSIZE if kind == "full" else draw(st.integers(1, QSIZE))
+        return kind, where, draw(chain_table(order[:k], kind)), []
+    m = draw(st.integers(0, QSIZE - 1))              # readable ring descriptors before the indirect one
+    n = QSIZE if kind == "full" else draw(st.integers(1, QSIZE))
+    direct = draw(chain_table(order[:m + 1], "full", writable_ok=False))
+    i, _, _, _, _ = direct[-1]
+    table = INDIRECT_TABLE
+    if kind == "table-out-of-ram":  # the indirect table itself lies (partly) outside RAM
+        table = draw(st.sampled_from([RAM - 16 * n + 8, RAM, 2**64 - 8, 2**63]))
+    direct[-1] = (i, table, 16 * n, VIRTQ_DESC_F_INDIRECT, 0)
+    inner = [0, *draw(st.permutations(range(1, n)))]  # an indirect chain starts at entry 0
+    return kind, where, direct, draw(chain_table(inner, "full" if kind == "table-out-of-ram" else kind))
+
+
+EXPECTED_ERROR = {"loop": "descriptor chain loops or exceeds the table", "full": None,
+                  "out-of-ram": "outside RAM", "table-out-of-ram": "indirect table ["}
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=hostile_shape(), event_idx=st.booleans())
+def test_hostile_shapes_built_on_purpose(mem, shape, event_idx):
+    kind, where, direct, indirect = shape
+    event(f"{kind} {where}")
     mq, vq = make(mem, event_idx=event_idx)
-    guard = bytes(range(256)) * 4
-    mem.write(0x20000, guard)
+    for i, addr, length, flags, nxt in indirect:
+        mq.write_desc(i, addr, length, flags, nxt, table=INDIRECT_TABLE)
+    for i, addr, length, flags, nxt in direct:
+        mq.write_desc(i, addr, length, flags, nxt)
+    mq.publish(direct[0][0])
+    error = check_against_reference(mem, mq, vq)
+    if EXPECTED_ERROR[kind] is None:
+        assert error is None
+    else:
+        assert error is not None and EXPECTED_ERROR[kind] in error, (kind, error)
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(desc, min_size=QSIZE, max_size=QSIZE),
+       heads=st.lists(st.integers(0, QSIZE - 1) | st.integers(0, 0xFFFF), max_size=4),
+       avail_jump=st.one_of(st.just(0), st.just(0), st.integers(0, QSIZE + 2), st.integers(0, 0xFFFF)),
+       indirect=st.lists(desc, max_size=10), event_idx=st.booleans(), indirect_ok=st.booleans())
+def test_hostile_rings_match_the_reference_walk(mem, table, heads, avail_jump, indirect, event_idx, indirect_ok):
+    mq, vq = make(mem, event_idx=event_idx, indirect=indirect_ok)
     for i, (addr, length, flags, nxt) in enumerate(indirect):
-        mq.write_desc(i, addr, length, flags, nxt, table=0xA000)
+        mq.write_desc(i, addr, length, flags, nxt, table=INDIRECT_TABLE)
     for i, (addr, length, flags, nxt) in enumerate(table):
         if flags & VIRTQ_DESC_F_INDIRECT and i % 2:
-            addr = 0xA000  # make some indirect descriptors point at the crafted table
+            addr = INDIRECT_TABLE  # make some indirect descriptors point at the crafted table
         mq.write_desc(i, addr, length, flags, nxt)
     for h in heads:
         mq.publish(h)
     if avail_jump:
         mq.set_avail_idx(avail_jump)
-    popped = 0
-    try:
-        while (chain := vq.pop()) is not None:
-            popped += 1
-            assert popped <= QSIZE + 4, "pop kept returning chains"
-            assert len(chain.readable) + len(chain.writable) <= 2 * QSIZE
-            for a, n in chain.readable + chain.writable:
-                assert mem.contains(a, n)
-            vq.push(chain, 2**32)
-    except QueueError:
-        pass
-    assert mem.read(0x20000, len(guard)) == guard  # nothing wrote outside the rings
+    error = check_against_reference(mem, mq, vq, indirect_ok)
+    event(f"outcome: {re.sub(r'0x[0-9a-f]+|[0-9]+', 'N', error or 'chains only')}")
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("where", ["direct", "indirect"])
+@pytest.mark.parametrize("back_to", [0, 3, 7])
+def test_loop_is_refused_not_walked_forever(mem, where, back_to):
+    mq, vq = make(mem)
+    table = INDIRECT_TABLE if where == "indirect" else None
+    for i in range(QSIZE):
+        mq.write_desc(i, 0x8000 + 0x100 * i, 8, VIRTQ_DESC_F_NEXT, i + 1 if i + 1 < QSIZE else back_to, table=table)
+    if where == "indirect":
+        mq.write_desc(0, INDIRECT_TABLE, 16 * QSIZE, VIRTQ_DESC_F_INDIRECT)
+    mq.publish(0)
+    with pytest.raises(QueueError, match=r"descriptor chain loops or exceeds the table"):
+        pop_bounded(vq)
+
+
+@pytest.mark.parametrize("where", ["direct", "indirect"])
+def test_a_chain_as_long_as_its_table_is_accepted(mem, where):
+    """The bound is exact: table_len descriptors are fine, one more is a loop."""
+    mq, vq = make(mem)
+    table = INDIRECT_TABLE if where == "indirect" else None
+    for i in range(QSIZE):
+        mq.write_desc(i, 0x8000 + 0x100 * i, 8, VIRTQ_DESC_F_NEXT if i + 1 < QSIZE else 0, i + 1, table=table)
+    if where == "indirect":
+        mq.write_desc(0, INDIRECT_TABLE, 16 * QSIZE, VIRTQ_DESC_F_INDIRECT)
+    mq.publish(0)
+    chain = pop_bounded(vq)
+    assert chain.readable == [(0x8000 + 0x100 * i, 8) for i in range(QSIZE)]
+
+
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(2, QSIZE * 3))
 def test_loops_and_overlong_chains_rejected(mem, n):
     mq, vq = make(mem)
@@ -246,7 +451,7 @@ def test_loops_and_overlong_chains_rejected(mem, n):
         mq.write_desc(i, 0x9000, 8, VIRTQ_DESC_F_NEXT, (i + 1) % min(n, QSIZE))
     mq.publish(0)
     with pytest.raises(QueueError, match=r"chain loops"):
-        vq.pop()
+        pop_bounded(vq)
 
 
 @pytest.mark.parametrize("length", [0, 8, 17, 16 * (QSIZE + 1)])

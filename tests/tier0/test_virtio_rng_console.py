@@ -3,7 +3,7 @@ import pytest
 
 from kvmpy.devices.virtio.console import ConsoleState, MAX_PENDING_INPUT, VirtioConsole
 from kvmpy.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
-from kvmpy.devices.virtio.mock_driver import BumpAllocator, MockPciDriver
+from support.mock_driver import BumpAllocator, MockPciDriver
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_WRITE
 from kvmpy.devices.virtio.rng import VirtioRng
 from kvmpy.devices.virtio.transport import VirtioPciDevice
@@ -83,6 +83,16 @@ def test_console_output_and_input(mem):
     head = rx.add([(0x71000, 16, True)])
     assert con.enqueue_input(b"typed") == 5
     assert rx.used() == [(head, 5)] and mem.read(0x71000, 5) == b"typed"
+
+
+def test_console_input_skips_zero_length_buffers(mem):
+    """A chain whose first writable buffer is empty still takes the input in the next ones (it
+    used to be returned with 0 bytes, the input left waiting for another chain)."""
+    con, dev, drv, rx, tx, sink = start_console(mem)
+    head = rx.add([(0x71000, 0, True), (0x71100, 4, True), (0x71200, 0, True), (0x71300, 8, True)])
+    assert con.enqueue_input(b"abcdefg") == 7
+    assert rx.used() == [(head, 7)]
+    assert mem.read(0x71100, 4) == b"abcd" and mem.read(0x71300, 3) == b"efg"
 
 
 def test_console_input_is_bounded(mem):

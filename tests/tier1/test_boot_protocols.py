@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kvmpy.vcpu.tinyguest import GUEST_DIR, guest_binary
+from support.tinyguest import GUEST_DIR, guest_binary
 
 pytestmark = pytest.mark.usefixtures("kvm_available")
 
@@ -39,6 +39,16 @@ def test_pvh_elf64_reaches_long_mode():
 def test_smp_boots_with_the_mp_table():
     r = boot("mb_elf.elf", "--smp", "4", "--append", "x")
     assert r.returncode == 33 and r.stdout.startswith(b"MB-ELF"), r.stderr
+
+
+@pytest.mark.parametrize("cpus,extra", [(2, []), (4, []), (4, ["--no-acpi"]), (8, [])])
+def test_every_ap_starts_once_with_its_own_apic_id(cpus, extra):
+    """INIT/STARTUP to all-but-self: each of the N-1 APs must run its trampoline exactly once
+    and see its own initial APIC id in CPUID (the guest checks the set of ids; 43 = all there)."""
+    r = boot("smp_all.elf", "--smp", str(cpus), "--append", str(cpus), *extra)
+    ids = " ".join(str(i) for i in range(1, cpus))
+    assert r.stdout == f"SMP APs up: {ids} count={cpus - 1}\n".encode(), (r.stdout, r.stderr)
+    assert r.returncode == 43, r.stderr
 
 
 def test_timeout_ends_a_spinning_guest():

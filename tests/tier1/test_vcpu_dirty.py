@@ -8,14 +8,17 @@ from kvmpy.devices.bus import Bus
 from kvmpy.ioctl import Kvm, lib
 from kvmpy.memslots import bitmap_to_pages
 from kvmpy.vcpu.dispatch import ExitDispatcher, Outcome
-from kvmpy.vcpu.tinyguest import TinyVm
+from support.tinyguest import TinyTestVm
+
+from kvm_host import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                      KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, host_check_extension)
 
 PAGES = [5, 17, 64, 100, 200, 255]  # all outside the code page (1) and the table page (3)
 TABLE = 0x3000
 NPAGES = 256
 
 
-def run_dirty_guest(tiny: TinyVm, pages: list[int]) -> None:
+def run_dirty_guest(tiny: TinyTestVm, pages: list[int]) -> None:
     tiny.memory.write(TABLE, np.array(pages, dtype="<u2").tobytes())
     tiny.load("dirty", rcx=len(pages), rsi=TABLE)
     disp = ExitDispatcher(tiny.vcpu.run_map, Bus("pio", 1 << 16), Bus("mmio", 1 << 48))
@@ -29,7 +32,7 @@ def run_dirty_guest(tiny: TinyVm, pages: list[int]) -> None:
 
 
 def test_dirty_bitmap_holds_exactly_the_written_pages(kvm_available):
-    with TinyVm.create(slot_flags=lib.KVM_MEM_LOG_DIRTY_PAGES) as tiny:
+    with TinyTestVm.create(slot_flags=lib.KVM_MEM_LOG_DIRTY_PAGES) as tiny:
         tiny.vm.get_dirty_log(0, NPAGES)  # start from a clean log
         run_dirty_guest(tiny, PAGES)
         dirty = bitmap_to_pages(tiny.vm.get_dirty_log(0, NPAGES), NPAGES)
@@ -40,11 +43,10 @@ def test_dirty_bitmap_holds_exactly_the_written_pages(kvm_available):
 
 
 def test_manual_protect_reports_until_cleared(kvm_available):
-    with TinyVm.create(slot_flags=lib.KVM_MEM_LOG_DIRTY_PAGES) as tiny:
-        try:
-            tiny.vm.enable_manual_dirty_log_protect()
-        except Exception as e:  # pragma: no cover - depends on the host
-            pytest.skip(f"manual dirty-log protect unavailable: {e}")
+    with TinyTestVm.create(slot_flags=lib.KVM_MEM_LOG_DIRTY_PAGES) as tiny:
+        if not host_check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            pytest.skip("this host's KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (168)")
+        tiny.vm.enable_manual_dirty_log_protect()  # the host has it: kvmpy must enable it
         bitmap = tiny.vm.get_dirty_log(0, NPAGES)
         tiny.vm.clear_dirty_log(0, 0, NPAGES, bitmap)
         run_dirty_guest(tiny, PAGES[:3])
@@ -57,10 +59,13 @@ def test_manual_protect_reports_until_cleared(kvm_available):
 
 
 def test_dirty_ring_holds_exactly_the_written_pages(kvm_available):
-    with Kvm() as kvm, kvm.create_vm() as probe:
-        if not probe.dirty_ring_capability():
-            pytest.skip("this KVM has no KVM_CAP_DIRTY_LOG_RING")
-    with TinyVm.create(dirty_ring_bytes=4096 * 16, slot_flags=lib.KVM_MEM_LOG_DIRTY_PAGES) as tiny:
+    host = {cap: host_check_extension(cap, on_vm=True) for cap in (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING)}
+    if not any(host.values()):
+        pytest.skip("this host's KVM lacks KVM_CAP_DIRTY_LOG_RING (192) and _ACQ_REL (223)")
+    with Kvm() as kvm, kvm.create_vm() as probe:  # kvmpy picks the one the host has, ACQ_REL first
+        expected = KVM_CAP_DIRTY_LOG_RING_ACQ_REL if host[KVM_CAP_DIRTY_LOG_RING_ACQ_REL] else KVM_CAP_DIRTY_LOG_RING
+        assert probe.dirty_ring_capability() == expected
+    with TinyTestVm.create(dirty_ring_bytes=4096 * 16, slot_flags=lib.KVM_MEM_LOG_DIRTY_PAGES) as tiny:
         run_dirty_guest(tiny, PAGES)
         entries = tiny.vm.harvest_dirty_rings()
         assert sorted({offset for slot, offset in entries}) == PAGES

@@ -7,8 +7,8 @@ from kvmpy.devices.bus import Bus
 from kvmpy.ioctl import lib
 from kvmpy.vcpu.dispatch import ExitDispatcher, Outcome
 from kvmpy.vcpu.runner import StopKind, VcpuThread
-from kvmpy.vcpu.state import capture, restore
-from kvmpy.vcpu.tinyguest import TinyVm
+from kvmpy.vcpu.state import get_vcpu_state, set_vcpu_state
+from support.tinyguest import TinyTestVm
 
 
 class Recorder:
@@ -27,7 +27,7 @@ def buses():
     return Bus("pio", 1 << 16), Bus("mmio", 1 << 48)
 
 
-def run_to_halt(tiny: TinyVm, pio: Bus, mmio: Bus, limit: int = 100000) -> ExitDispatcher:
+def run_to_halt(tiny: TinyTestVm, pio: Bus, mmio: Bus, limit: int = 100000) -> ExitDispatcher:
     disp = ExitDispatcher(tiny.vcpu.run_map, pio, mmio)
     for _ in range(limit):
         assert tiny.vcpu.run()
@@ -145,20 +145,20 @@ def test_state_moves_to_a_new_vm_and_the_guest_continues(kvm_available):
     src_pio, src_mmio = buses()
     src_dev = Recorder()
     src_pio.register(0x10, 1, src_dev)
-    with TinyVm.create() as src:
+    with TinyTestVm.create() as src:
         src.load("pio_loop", rcx=total, rdx=0x10)
         disp = ExitDispatcher(src.vcpu.run_map, src_pio, src_mmio)
         while len(src_dev.writes) < first:
             assert src.vcpu.run()
             assert disp.dispatch() == Outcome.CONTINUE
-        state = capture(src.vcpu)
+        state = get_vcpu_state(src.vcpu)
         ram = src.memory.read(0, src.memory.size)
     dst_pio, dst_mmio = buses()
     dst_dev = Recorder()
     dst_pio.register(0x10, 1, dst_dev)
-    with TinyVm.create() as dst:
+    with TinyTestVm.create() as dst:
         dst.memory.write(0, ram)
-        restore(dst.vcpu, state)
+        set_vcpu_state(dst.vcpu, state)
         disp = ExitDispatcher(dst.vcpu.run_map, dst_pio, dst_mmio)
         while True:
             assert dst.vcpu.run()
@@ -188,7 +188,7 @@ def test_ioeventfd_signals_without_an_exit_to_python(tiny):
 
 def test_irqfd_raises_the_pic_line(kvm_available):
     import os
-    with TinyVm.create(irqchip=True) as tiny:
+    with TinyTestVm.create(irqchip=True) as tiny:
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         try:
             tiny.vm.irqfd(efd, 5)

@@ -80,10 +80,11 @@ def run_guest(request: pytest.FixtureRequest) -> Callable[..., tier2.GuestRun]:
     .cache/nested/logs/tier2/ and shown in the report if the test fails."""
     runs: list = request.node.stash.setdefault(_GUEST_RUNS, [])
 
-    def run(argv: list[str], timeout_s: float = 120.0, name: str | None = None) -> tier2.GuestRun:
+    def run(argv: list[str], timeout_s: float = 120.0, name: str | None = None,
+            rerun_livelock: bool = True) -> tier2.GuestRun:
         label = name or f"guest{len(runs)}"
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{request.node.name}-{label}")
-        result = tier2.run_guest(argv, timeout_s=timeout_s,
+        result = tier2.run_guest(argv, timeout_s=timeout_s, rerun_livelock=rerun_livelock,
                                  log_path=cache_root() / "logs" / "tier2" / f"{safe}.log")
         runs.append((label, result))
         return result

@@ -59,5 +59,7 @@ def test_guest_runs_script_from_ext4_disk(stock_bzimage, build_initramfs, build_
     argv = tier2.qemu_guest_argv(stock_bzimage, build_initramfs(), append, disk=disk)
     run = run_guest(argv, timeout_s=GUEST_TIMEOUT_S, name="qemu-pc-disk")
 
+    assert not run.timed_out, f"guest did not finish in {GUEST_TIMEOUT_S}s"
     assert "KVMPY-DISK-OK payload-42" in run.output
     assert run.test_rc == 7
+    assert run.exit_status == 0, "QEMU should exit cleanly when the guest reboots (-no-reboot)"
