@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.mock_driver
 
 from kvmpy.devices.virtio import fastpath  # noqa: E402
 from kvmpy.devices.virtio.blk import T_IN, DriveSpec, VirtioBlk  # noqa: E402
-from kvmpy.devices.virtio.mock_driver import BumpAllocator, MockPciDriver, MockQueue  # noqa: E402
+from support.mock_driver import BumpAllocator, MockPciDriver, MockQueue  # noqa: E402
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE  # noqa: E402
 from kvmpy.devices.virtio.transport import VirtioPciDevice  # noqa: E402
 from kvmpy.memslots import GuestMemory  # noqa: E402

@@ -15,3 +15,25 @@ bench-blk: venv
 # Host CPU per virtio-blk request, pure-Python vs C data path (no KVM, no harness).
 bench-vq: venv
 	$(VPY) benchmarks/vq_bench.py
+
+# Snapshot save/restore, kvmpy vs QEMU (exec:cat), 512 MiB and 2 GiB guests, in one L1.
+SNAP_SIZES ?= 512M,2G
+.PHONY: bench-snapshot
+bench-snapshot: venv
+	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/snapshot_bench.py --sizes $(SNAP_SIZES)'
+
+# Live migration, kvmpy vs QEMU, between two network namespaces in one L1 (benchmarks/migrate_bench.py):
+# idle, 4 MiB and 32 MiB rewritten continuously.
+MIG_WORKLOADS ?= idle,4,32
+.PHONY: bench-migrate
+bench-migrate: venv
+	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/migrate_bench.py --workloads $(MIG_WORKLOADS)'
+
+# virtio-net, kvmpy vs QEMU, vhost-net on and off (benchmarks/net_bench.py), in one L1: iperf3
+# both ways and ping over a link-local TAP. The guest initrd (with iperf3) is built on the host first.
+NET_ROUNDS  ?= 2
+NET_SECONDS ?= 5
+.PHONY: bench-net
+bench-net: venv
+	@$(VPY) benchmarks/net_bench.py --prepare >/dev/null || exit 1; \
+	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/net_bench.py --rounds $(NET_ROUNDS) --seconds $(NET_SECONDS)'

@@ -1,0 +1,199 @@
+"""Live migration, kvmpy vs QEMU, same guest and workload, between two "hosts" in one run.
+
+The two hosts are two network namespaces joined by a veth pair with link-local addresses
+(169.254.77.1 and .2), as issue 11 asks; each VMM's source runs in one and its destination in
+the other, and the migration goes over tcp: between them. For each workload — an idle guest, and
+a guest rewriting 4 MiB and 32 MiB of memory continuously (benchmarks/dirtier.c, static, in the
+guest's initramfs) — boot the source with a QMP socket, wait for its ticks, start the
+destination with `--incoming tcp:` (`-incoming` for QEMU), set the same downtime-limit and
+max-bandwidth on both, `migrate`, poll `query-migrate` until it completes, and check that the
+destination's console goes on ticking. Prints total time, downtime, bytes sent and passes, and
+the ratios against the goals (downtime no longer than QEMU's, total time <= 1.2x QEMU's).
+Needs hardware-style /dev/kvm and root (namespaces): `make bench-migrate` runs it in L1.
+
+    python benchmarks/migrate_bench.py [--workloads idle,4,32] [--memory 512]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "tier2"))
+
+from migrate_ticks import WHOLE_TICK, continuation_problem  # noqa: E402
+from netns import TwoHosts, in_ns, wait_listening  # noqa: E402  (tier 2's two hosts)
+from snapshot_bench import Lines  # noqa: E402
+
+from kvmpy.monitor.client import QmpClient  # noqa: E402
+from kvmpy.nested import tier2  # noqa: E402
+from kvmpy.nested.images import build_guest_initramfs  # noqa: E402
+from kvmpy.nested.kernel import unpack  # noqa: E402
+
+HOSTS = TwoHosts("kvmb", "169.254.77")
+SRC_NS, DST_NS, SRC_IP, DST_IP = HOSTS.src_ns, HOSTS.dst_ns, HOSTS.src_ip, HOSTS.dst_ip
+PORT = 4444
+APPEND = "console=ttyS0 panic=-1 quiet"
+PARAMS = {"downtime-limit": 300, "max-bandwidth": 1 << 30}     # the same for both VMMs
+CONVERGE_S = 120.0              # a migration not switched over by then is cancelled and reported
+
+
+def guest_script(workload: str) -> str:
+    dirty = "" if workload == "idle" else (
+        f"cp /dirtier /tmp/dirtier && chmod +x /tmp/dirtier && /tmp/dirtier {int(workload)} &\n")
+    return dirty + 'i=0; while true; do echo "KVMPY-TICK $i"; i=$((i+1)); sleep 0.5; done\n'
+
+
+def vmm_argv(vmm: str, kernel: Path, initrd: Path, append: str, memory: int) -> list[str]:
+    if vmm == "qemu":
+        return tier2.qemu_guest_argv(kernel, initrd, append, memory_mib=memory, cpus=2)
+    # INFO: the source's "migrated: ... downtime (pause, last pages, state, destination's load)"
+    # breakdown and the destination's own timings, printed below the round
+    return tier2.kvmpy_guest_argv(kernel, initrd, append, memory=f"{memory}M") + ["--smp", "2",
+                                                                                  "--log-level", "info"]
+
+
+def drain(lines: Lines) -> None:
+    """Read what a VMM printed so far: its console and log stay visible (and a full pipe never
+    blocks its console writes) while the migration is polled."""
+    while lines.sel.select(0):
+        chunk = os.read(lines.proc.stdout.fileno(), 65536)
+        if not chunk:
+            return
+        lines.buf += chunk
+
+
+def tail(lines: Lines | None, what: str, count: int = 25) -> str:
+    if lines is None:
+        return f"--- {what}: not started"
+    try:
+        drain(lines)
+    except (OSError, ValueError):
+        pass
+    text = lines.buf.decode("utf-8", errors="replace").replace("\r", "")
+    status = lines.proc.poll()
+    return (f"--- {what} ({'running' if status is None else f'exited {status}'}), last {count} lines:\n"
+            + "\n".join(text.splitlines()[-count:]))
+
+
+TIMINGS = re.compile(rb"^.*(?:migrated: |incoming migration done|incoming: |migration pass ).*$", re.M)
+
+
+def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, work: Path) -> dict:
+    sock = work / f"{vmm}-src.qmp"
+    base = vmm_argv(vmm, kernel, initrd, append, memory)
+    qmp_flag = ["-qmp" if vmm == "qemu" else "--qmp", f"unix:{sock},server=on,wait=off"]
+    incoming = ["-incoming" if vmm == "qemu" else "--incoming", f"tcp:{DST_IP}:{PORT}"]
+    src = Lines(in_ns(SRC_NS, base + qmp_flag))
+    dst = None
+    info: dict = {}
+    try:
+        src.wait_for(re.compile(rb"KVMPY-TICK 4\r?\n"), 300)
+        dst = Lines(in_ns(DST_NS, base + incoming))
+        wait_listening(DST_NS, PORT)
+        with QmpClient(str(sock)) as qmp:
+            qmp.execute("migrate-set-parameters", PARAMS)
+            qmp.execute("migrate", {"uri": f"tcp:{DST_IP}:{PORT}"})
+            deadline = time.monotonic() + CONVERGE_S
+            while (info := qmp.execute("query-migrate"))["status"] not in ("completed", "failed",
+                                                                            "cancelled"):
+                if time.monotonic() > deadline:      # QEMU, too, iterates for ever if it cannot fit
+                    qmp.execute("migrate_cancel")
+                    print(f"{vmm}: no switchover within {CONVERGE_S:.0f} s: {info}", flush=True)
+                    for line in TIMINGS.findall(src.buf)[-12:]:     # where the passes' time went
+                        print(f"{vmm} source: {line.decode(errors='replace').strip()}", flush=True)
+                    return {"total_ms": None, "downtime_ms": None, "passes": info.get("ram", {}).get(
+                            "dirty-sync-count"), "sent": info.get("ram", {}).get("transferred"),
+                            "note": f"not converged in {CONVERGE_S:.0f} s"}
+                time.sleep(0.05)
+                drain(src)
+                drain(dst)
+        if info["status"] != "completed":
+            raise RuntimeError(f"{vmm}'s migration ended {info['status']}: {info.get('error-desc', info)}")
+        # whole ticks only (benchmarks/migrate_ticks.py): the console arrives cut anywhere
+        dst.wait_for(WHOLE_TICK, 120)
+        drain(src)
+        problem = continuation_problem(src.buf, dst.buf)
+        if problem is not None:
+            raise RuntimeError(f"{vmm}: {problem}: the guest did not continue")
+    except Exception as exc:    # one failed round is reported with both consoles; the others run
+        print(f"{vmm}: FAILED: {exc}\n{tail(src, 'source')}\n{tail(dst, 'destination')}", flush=True)
+        ram = info.get("ram", {})
+        return {"total_ms": None, "downtime_ms": None, "passes": ram.get("dirty-sync-count"),
+                "sent": ram.get("transferred"), "note": f"FAILED: {str(exc)[:100]}"}
+    finally:
+        for lines in (src, dst):
+            if lines is not None:
+                try:
+                    drain(lines)
+                except (OSError, ValueError):
+                    pass
+        src.kill()
+        if dst is not None:
+            dst.kill()
+    ram = info.get("ram", {})
+    print(f"{vmm}: {info}", flush=True)
+    for where, lines in (("source", src), ("destination", dst)):
+        for line in TIMINGS.findall(lines.buf):
+            print(f"{vmm} {where}: {line.decode(errors='replace').strip()}", flush=True)
+    return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+            "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count")}
+
+
+def fmt(value, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value}{unit}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="idle,4,32", help="idle and/or MiB rewritten")
+    ap.add_argument("--memory", type=int, default=512, help="guest MiB")
+    args = ap.parse_args()
+    kernel = unpack()
+    dirtier = Path(tempfile.mkdtemp(prefix="kvmpy-migbench-")) / "dirtier"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(dirtier),
+                    str(Path(__file__).with_name("dirtier.c"))], check=True, timeout=120)
+    initrd = build_guest_initramfs(kernel, files={"dirtier": dirtier.read_bytes()})
+    HOSTS.create()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="kvmpy-migbench-") as tmp:
+            for workload in args.workloads.split(","):
+                append = f"{APPEND} {tier2.test_script_arg(guest_script(workload))}"
+                for vmm in ("kvmpy", "qemu"):
+                    r = one_round(vmm, kernel.bzimage, initrd, append, args.memory, Path(tmp))
+                    rows.append((workload, vmm, r))
+                    print(f"{workload:>6} {vmm:6} {r}", flush=True)
+    finally:
+        HOSTS.remove()
+    print(f"\nlive migration over tcp between two namespaces (veth), {args.memory} MiB, 2 vCPUs, "
+          f"downtime-limit {PARAMS['downtime-limit']} ms, max-bandwidth 1 GiB/s")
+    print(f"{'workload':>9} {'vmm':6} {'total':>9} {'downtime':>9} {'sent':>9} {'passes':>6}")
+    for workload, vmm, r in rows:
+        sent = None if r["sent"] is None else f"{r['sent'] / 2**20:.1f}"
+        print(f"{workload + ('' if workload == 'idle' else ' MiB'):>9} {vmm:6} "
+              f"{fmt(r['total_ms'], ' ms'):>9} {fmt(r['downtime_ms'], ' ms'):>9} "
+              f"{fmt(sent, ' MiB'):>9} {fmt(r['passes']):>6} {r.get('note', '')}")
+    print("\ngoals: downtime <= QEMU's; total time <= 1.2x QEMU's")
+    for workload in dict.fromkeys(w for w, _, _ in rows):
+        k = next(r for w, v, r in rows if w == workload and v == "kvmpy")
+        q = next(r for w, v, r in rows if w == workload and v == "qemu")
+        if None in (k["total_ms"], q["total_ms"], k["downtime_ms"], q["downtime_ms"]):
+            continue
+        total = k["total_ms"] / max(q["total_ms"], 1)
+        down_ok = k["downtime_ms"] <= q["downtime_ms"]
+        print(f"{workload:>9}: total {total:.2f}x QEMU ({'met' if total <= 1.2 else 'NOT met'}), "
+              f"downtime {k['downtime_ms']} vs {q['downtime_ms']} ms "
+              f"({'met' if down_ok else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

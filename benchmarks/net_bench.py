@@ -1,0 +1,215 @@
+"""virtio-net throughput and latency, kvmpy vs QEMU, each with vhost-net on and off.
+
+The guest (stock Debian kernel, busybox initramfs with the host's iperf3 and its libraries baked
+in) sits on one TAP in L1 that holds a link-local host address; L1 runs `iperf3 -s` on it. The
+guest pings the host (RTT), then runs iperf3 as the client twice: guest->host (it sends) and
+host->guest (-R: the host sends). Every VMM gets the same kernel, initrd, command line, TAP, MAC,
+one vCPU and 512 MiB; QEMU gets `-netdev tap,vhost=on|off` + `virtio-net-pci`, kvmpy
+`--nic tap,ifname=...,vhost=on|off` on the same existing TAP. Rounds are interleaved so load
+changes hit all alike; the table shows medians and kvmpy as a multiple of QEMU in the same mode.
+Goals (issue 12): with vhost >= 0.95x QEMU with vhost; in userspace >= 0.5x QEMU's userspace
+(for ping the multiple is QEMU's RTT over kvmpy's, so higher is better there too).
+
+Only 169.254.88.0/24 on the TAP this script creates (and removes): no traffic leaves L1.
+
+    python benchmarks/net_bench.py --prepare      # host: kernel, initrd with iperf3; prints it
+    python -m kvmpy.nested run -- python benchmarks/net_bench.py --rounds 2
+    make bench-net                                # both steps
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvmpy.errors import NestedError  # noqa: E402
+from kvmpy.nested import tier2  # noqa: E402
+from kvmpy.nested.images import build_guest_initramfs  # noqa: E402
+from kvmpy.nested.kernel import KernelPackage, cache_root, unpack  # noqa: E402
+from kvmpy.nested.netscripts import IPERF3_PREPARE, iperf3_guest_files  # noqa: E402
+
+TAP = "kvbench0"
+HOST_IP, GUEST_IP, PREFIX = "169.254.88.1", "169.254.88.2", 24
+GUEST_MAC = "52:54:00:4b:42:01"
+IPERF_PORT = 5201
+PINGS = 20
+APPEND = "console=ttyS0 panic=-1 quiet"
+VMMS = ("kvmpy-vhost", "qemu-vhost", "kvmpy-user", "qemu-user")
+# kvmpy-user-py: userspace on the pure-Python data path (KVMPY_VIRTIO_C=0), to see what C buys
+EXTRA_VMMS = ("kvmpy-user-py",)
+GUEST_SCRIPT = IPERF3_PREPARE + """\
+ip link set lo up
+n=0; while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+ip addr add {guest}/{prefix} dev eth0; ip link set eth0 up
+n=0; until ping -c 1 -W 1 {host} >/dev/null 2>&1 || [ $n -ge 30 ]; do n=$((n+1)); done
+ping -c {pings} -i 0.2 {host} | tail -1 | sed 's/^/NETBENCH-PING /'
+iperf3 -c {host} -p {port} -t {secs} -f m | grep receiver | sed 's/^/NETBENCH-TX /'
+iperf3 -c {host} -p {port} -t {secs} -f m -R | grep receiver | sed 's/^/NETBENCH-RX /'
+"""
+PING_RE = re.compile(r"NETBENCH-PING round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms")
+IPERF_RE = re.compile(r"NETBENCH-(TX|RX) .*?([\d.]+) Mbits/sec.*receiver")
+
+
+@dataclass
+class Sample:
+    tx_mbps: float      # guest -> host
+    rx_mbps: float      # host -> guest
+    rtt_ms: float       # guest -> host ping, average
+
+
+def parse_results(output: str) -> Sample | None:
+    """All three figures, or None when any is missing."""
+    ping = PING_RE.search(output)
+    rates = {m.group(1): float(m.group(2)) for m in IPERF_RE.finditer(output)}
+    if ping is None or set(rates) != {"TX", "RX"}:
+        return None
+    return Sample(rates["TX"], rates["RX"], float(ping.group(2)))
+
+
+def argv_for(vmm: str, kernel: Path, initrd: Path, append: str) -> list[str]:
+    """`vmm` is kvmpy-vhost|kvmpy-user[-py]|qemu-vhost|qemu-user, all on the existing TAP."""
+    vhost = "on" if vmm.endswith("vhost") else "off"
+    if vmm.startswith("kvmpy"):
+        return [sys.executable, "-m", "kvmpy", "--log-level", "info", "boot", "--kernel", str(kernel),
+                "--initrd", str(initrd), "--append", append, "--serial", "stdio", "--no-reboot",
+                "-m", "512M", "--nic", f"tap,ifname={TAP},mac={GUEST_MAC},vhost={vhost}"]
+    return tier2.qemu_guest_argv(kernel, initrd, append, machine="pc", extra=[
+        "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}",
+        "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}"])
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and r.returncode != 0:
+        raise NestedError(f"ip {' '.join(args)}", detail=r.stderr.strip())
+
+
+def make_tap() -> None:
+    """A persistent vnet_hdr TAP holding the host's address, up (left over ones are replaced)."""
+    if os.path.exists(f"/sys/class/net/{TAP}"):
+        _ip("link", "del", TAP)
+    _ip("tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
+    _ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", TAP)
+    _ip("link", "set", TAP, "up")
+
+
+def start_iperf_server() -> subprocess.Popen:
+    try:
+        proc = subprocess.Popen(["iperf3", "-s", "-B", HOST_IP, "-p", str(IPERF_PORT)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:
+        raise NestedError("starting iperf3 -s", errno=e.errno, detail="install the iperf3 package") from None
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        raise NestedError("starting iperf3 -s", detail=f"exited {proc.returncode} at once")
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:5.2f}x" if b else "  n/a"
+
+
+def print_table(results: dict[str, list[Sample]], rounds: int, kernel: KernelPackage, secs: float) -> None:
+    med = {v: Sample(statistics.median(s.tx_mbps for s in results[v]),
+                     statistics.median(s.rx_mbps for s in results[v]),
+                     statistics.median(s.rtt_ms for s in results[v])) for v in results if results[v]}
+    print(f"\nvirtio-net over a TAP in L1, median of {rounds} round(s), iperf3 TCP {secs:g}s each way, "
+          f"ping x{PINGS} guest->host, kernel {kernel.release}, 1 vCPU, 512 MiB")
+    print(f"{'vmm':14s} {'guest->host Mbit/s':>19s} {'host->guest Mbit/s':>19s} {'ping avg ms':>12s}")
+    for vmm, m in med.items():
+        print(f"{vmm:14s} {m.tx_mbps:19.1f} {m.rx_mbps:19.1f} {m.rtt_ms:12.3f}")
+    print(f"\n{'kvmpy / QEMU':14s} {'guest->host':>12s} {'host->guest':>12s} {'ping (1/RTT)':>13s}  goal")
+    for mode, goal in (("vhost", 0.95), ("user", 0.5), ("user-py", 0.5)):
+        k, q = med.get(f"kvmpy-{mode}"), med.get(f"qemu-{mode.split('-')[0]}")
+        if k is None or q is None:
+            continue
+        figures = (k.tx_mbps / q.tx_mbps if q.tx_mbps else 0, k.rx_mbps / q.rx_mbps if q.rx_mbps else 0,
+                   q.rtt_ms / k.rtt_ms if k.rtt_ms else 0)
+        missed = [name for name, f in zip(("guest->host", "host->guest", "ping"), figures) if f < goal]
+        print(f"{mode:14s} {ratio(k.tx_mbps, q.tx_mbps):>12s} {ratio(k.rx_mbps, q.rx_mbps):>12s} "
+              f"{ratio(q.rtt_ms, k.rtt_ms):>13s}  >= {goal:.2f}x: "
+              + ("met" if not missed else "MISSED (" + ", ".join(missed) + ")"))
+
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepare", action="store_true", help="build the kernel and the initrd; print the initrd")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 -t, each direction")
+    ap.add_argument("--vmms", default=",".join(VMMS))
+    args = ap.parse_args()
+    vmms = args.vmms.split(",")
+    if not set(vmms) <= set(VMMS + EXTRA_VMMS) or args.rounds < 1 or not 1 <= args.seconds <= 60:
+        ap.error(f"--vmms from {','.join(VMMS + EXTRA_VMMS)}, --rounds >= 1, --seconds 1..60")
+    kernel = unpack()
+    initrd = build_guest_initramfs(kernel, files=iperf3_guest_files())
+    if args.prepare:
+        print(initrd)
+        return 0
+    if (blocked := tier2.tests_can_run_here()) is not None:
+        print(f"net_bench: {blocked.reason}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("net_bench: needs root (it makes a TAP and gives it an address)", file=sys.stderr)
+        return 2
+    script = GUEST_SCRIPT.format(guest=GUEST_IP, prefix=PREFIX, host=HOST_IP, port=IPERF_PORT,
+                                 secs=f"{args.seconds:g}", pings=PINGS)
+    append = f"{APPEND} {tier2.test_script_arg(script)}"
+    log_dir = cache_root() / "logs"
+    results: dict[str, list[Sample]] = {v: [] for v in vmms}
+    timeout_s = 120 + 3 * args.seconds
+    make_tap()
+    failed = False
+    try:
+        for rnd in range(args.rounds):
+            for vmm in vmms:
+                server = start_iperf_server()
+                os.environ["KVMPY_VIRTIO_C"] = "0" if vmm.endswith("-py") else "1"
+                try:
+                    run = tier2.run_guest(argv_for(vmm, kernel.bzimage, initrd, append), timeout_s=timeout_s,
+                                          log_path=log_dir / f"netbench-{vmm}-r{rnd + 1}.log")
+                finally:
+                    os.environ.pop("KVMPY_VIRTIO_C", None)
+                    stop(server)
+                sample = parse_results(run.output) if run.test_rc == 0 else None
+                if sample is None:   # one failed VMM does not cost the others' figures
+                    failed = True
+                    print(f"round {rnd + 1} {vmm}: FAILED (status {run.exit_status}, test rc {run.test_rc})")
+                    print(run.tail(30), file=sys.stderr)
+                    continue
+                print(f"round {rnd + 1} {vmm:13s} g->h {sample.tx_mbps:8.1f} Mbit/s  h->g {sample.rx_mbps:8.1f} "
+                      f"Mbit/s  ping {sample.rtt_ms:7.3f} ms  ({run.elapsed_s:.1f}s)", flush=True)
+                results[vmm].append(sample)
+    finally:
+        _ip("link", "del", TAP, check=False)
+    print_table(results, args.rounds, kernel, args.seconds)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except NestedError as e:
+        print(f"net_bench: {e}", file=sys.stderr)
+        sys.exit(1)
