@@ -248,21 +248,25 @@ class GuestMemory:
         i, off = self._locate(gpa, 8)
         return struct.unpack_from("<Q", self._maps[i], off)[0]
 
+    # Stores through a one-item cast view, never struct.pack_into: pack_into zeroes its target
+    # before writing the value, and a vCPU or a C data path reading the same word at that moment
+    # (a ring index) sees 0. A memoryview item store is one memcpy of the item's size: one
+    # instruction, so readers see the old value or the new one. (Native order: x86 only.)
     def write_u16(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 2)
-        struct.pack_into("<H", self._maps[i], off, value)
+        self._maps[i][off:off + 2].cast("H")[0] = value
         if self.tracking:
             self.mark_dirty(gpa, 2)
 
     def write_u32(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 4)
-        struct.pack_into("<I", self._maps[i], off, value)
+        self._maps[i][off:off + 4].cast("I")[0] = value
         if self.tracking:
             self.mark_dirty(gpa, 4)
 
     def write_u64(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 8)
-        struct.pack_into("<Q", self._maps[i], off, value)
+        self._maps[i][off:off + 8].cast("Q")[0] = value
         if self.tracking:
             self.mark_dirty(gpa, 8)
 

@@ -164,7 +164,7 @@ def test_views_of_the_rings_hold_no_buffer_exports(mem):
     mq, vq = make(mem)
     mq.add([(0x9000, 8, True)])
     vq.push(vq.pop(), 0)
-    for view in (vq._desc, vq._avail, vq._used, *(vq.cring._anchors if vq.cring is not None else ())):
+    for view in (vq._used16, vq._desc, vq._avail, vq._used, *(vq.cring._anchors if vq.cring is not None else ())):
         view.release()  # BufferError while anything still holds an export of it
 
 

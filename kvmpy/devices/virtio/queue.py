@@ -111,6 +111,7 @@ class Virtqueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self._used16: memoryview | None = None      # the used ring as u16s: idx [1], avail_event [2 + 4*size]
         self.cring: fastpath.CRing | None = None  # the C walker's view, while active with fast
 
     # -- activation ---------------------------------------------------------------------------
@@ -121,6 +122,10 @@ class Virtqueue:
         self._desc = self.mem.buffer(self.desc_addr, 16 * size)
         self._avail = self.mem.buffer(self.avail_addr, 6 + 2 * size)
         self._used = self.mem.buffer(self.used_addr, 6 + 8 * size)
+        # The indices the driver polls are stored through this view, never struct.pack_into,
+        # which zeroes a word before writing it: a vCPU reading used->idx then would see it go
+        # back to 0 (Linux: "id N is not a head!"), and avail_event at 0 can swallow a kick.
+        self._used16 = self._used.cast("H")
         self.event_idx = event_idx
         self.indirect = indirect
         self.cring = fastpath.CRing(self.mem, self._desc, self._avail, self._used, size, event_idx,
@@ -142,7 +147,7 @@ class Virtqueue:
                                  detail=f"ring outside guest RAM: {name} [{addr:#x}+{length}]")
 
     def deactivate(self) -> None:
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._used16 = None
         self.cring = None
         self.ready = False
 
@@ -157,8 +162,8 @@ class Virtqueue:
         """The next available chain, validated, or None when the ring is empty."""
         if self.cring is not None:
             return self._pop_c(self.cring)
-        avail = self._avail
-        if avail is None:
+        avail, used16 = self._avail, self._used16
+        if avail is None or used16 is None:
             return None
         size = self.size
         pending = (_U16.unpack_from(avail, 2)[0] - self.last_avail_idx) & 0xFFFF
@@ -167,7 +172,7 @@ class Virtqueue:
                 return None
             # Publish where we stopped, then look once more so a racing driver is not missed
             # (the fence keeps that load from passing the store).
-            _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
+            used16[2 + 4 * size] = self.last_avail_idx
             if self.mem.tracking:
                 self.mark_used_ring()
             lib.kvmpy_mb()
@@ -180,7 +185,7 @@ class Virtqueue:
         chain = self._walk(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + 8 * size, self.last_avail_idx)
+            used16[2 + 4 * size] = self.last_avail_idx
             if self.mem.tracking:
                 self.mark_used_ring()
         return chain
@@ -259,13 +264,14 @@ class Virtqueue:
 
     def push(self, chain: DescChain, written: int) -> None:
         """Return a chain to the driver, saying how many bytes the device wrote into it."""
-        used = self._used
-        if used is None:
+        used, used16 = self._used, self._used16
+        if used is None or used16 is None:
             return
         written = max(0, min(written, chain.writable_len))
+        # the element may be packed (zeroed first): the driver reads it only once idx covers it
         _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx & (self.size - 1)), chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(used, 2, self.used_idx)
+        used16[1] = self.used_idx
         if self.mem.tracking:   # live migration: what the device wrote is complete now
             self.mark_written(chain)
 
