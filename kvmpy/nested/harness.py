@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 PASSTHROUGH_PREFIXES = ("KVMPY_", "PYTEST_")
 PASSTHROUGH_NAMES = ("TERM", "LANG", "LC_ALL", "COLUMNS")
 _SAFE_PATH_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+")
+# An oops L1's kernel survives but its vCPU thread does not: QEMU's TCG took an interrupt on the
+# instruction after VMRUN (GIF should be 0), the handler ran on the guest's GS base and faulted
+# until the stack ran out. The thread dies after KVM's CLGI, so that CPU may never take an
+# interrupt or NMI again (the lost wakeups): L1 is as good as wedged from this line on.
+L1_OOPS_SIGNS = ("BUG: TASK stack guard page was hit",)
+OOPS_TRACE_S = 3.0               # the oops's trace is logged for this long before L1 is ended
 L1_DISK_DEVICE = "/dev/vda"      # the 9p shares are not block devices: the disk is the only vd*
 L1_DISK_SERIAL = "kvmpy-l1disk"
 
@@ -241,9 +247,13 @@ class L1Harness:
         wedged: str | None = None
         diagnosis = ""
         next_check = 0.0
+        oops: tuple[float, str] | None = None
         try:
             while True:
                 now = time.monotonic() - start
+                if oops is not None and rc is None and now - oops[0] > OOPS_TRACE_S:
+                    wedged = f"L1's kernel oopsed under the command ({oops[1]})"
+                    break
                 if ready_s is not None and rc is None and now >= next_check:
                     next_check = now + 1.0
                     wedged = l1_watch.check()
@@ -281,6 +291,9 @@ class L1Harness:
                         rc = _parse_rc(text[len(initscripts.L1_RC_MARKER):])
                         done_s = stamp
                         continue
+                    elif oops is None and ready_s is not None and rc is None and \
+                            any(sign in text for sign in L1_OOPS_SIGNS):
+                        oops = (stamp, text.strip())
                     elif text.startswith(initscripts.L1_FAIL_MARKER):
                         failure = "L1 setup failed: " + text[len(initscripts.L1_FAIL_MARKER):]
                     elif text.startswith(initscripts.L1_KEYPIN_MARKER) and "failed" in text:
@@ -303,6 +316,10 @@ class L1Harness:
         command_s = (done_s - ready_s) if (done_s is not None and ready_s is not None) else None
         if rc is None:
             rc = _read_rc_file(scratch)
+        if oops is not None and wedged is not None and not diagnosis:
+            diagnosis = "--- L1 console, last lines ---\n" + _tail(console_log, 60)
+            out.write(f"\nnested: {wedged}\n{diagnosis}\n".encode(errors="replace"))
+            out.flush()
         if wedged is None and rc is None and ready_s is not None and failure is None:
             # L1 itself ended under the command (a kernel panic: panic=-1 and -no-reboot): the
             # same for a tier-2 driver as a wedge, with the console's last lines as diagnosis

@@ -190,3 +190,25 @@ def test_l1_that_dies_under_the_command_is_reported_like_a_wedge(tmp_path):
         supervise(tmp_path, "echo KVMPY-L1-READY; echo 'Kernel panic - not syncing: corrupted stack end'; exit 0")
     assert "L1 ended under the command" in err.value.reason
     assert "corrupted stack end" in err.value.diagnosis
+
+
+def test_l1_oops_under_the_command_is_a_wedge_after_its_trace(tmp_path):
+    """The stack-guard oops (QEMU's TCG took an interrupt right after VMRUN) leaves L1 running
+    with a CPU that may never take an interrupt again: ended as a wedge once its trace is in
+    the console log, not after the tests that follow have failed on it."""
+    from kvmpy.nested.harness import L1WedgedError
+    start = time.monotonic()
+    with pytest.raises(L1WedgedError) as err:
+        supervise(tmp_path, "echo KVMPY-L1-READY; echo test-output; "
+                  "echo '[  348.021258] BUG: TASK stack guard page was hit at 000000004626bff3'; "
+                  "echo '[  348.021258] CPU: 0 PID: 474 Comm: kvmpy-vcpu0'; sleep 300")
+    assert time.monotonic() - start < 60
+    assert "oopsed" in err.value.reason and "stack guard page" in err.value.reason
+    assert "Comm: kvmpy-vcpu0" in err.value.diagnosis      # the trace after the first line
+
+
+def test_oops_text_before_l1_is_ready_is_not_a_wedge(tmp_path):
+    """Only L1's console while the command runs counts; an ordinary run is untouched."""
+    result, out = supervise(tmp_path, "echo 'BUG: TASK stack guard page was hit (early)'; "
+                            "echo KVMPY-L1-READY; echo fine; echo KVMPY-L1-RC=0")
+    assert result.rc == 0 and out == "fine\n"
