@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -75,6 +77,17 @@ def kvmpy_boot(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """The destination process, killed on the way out if it still runs (after a failed check)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def uri_for(how: str, tmp_path) -> str:
     return f"unix:{tmp_path / 'mig.sock'}" if how == "unix" else f"tcp:127.0.0.1:{free_port()}"
 
@@ -83,9 +96,8 @@ def uri_for(how: str, tmp_path) -> str:
 def test_live_migration_between_processes(counter_elf, tmp_path, how):
     """unix-compress: the `compress` capability (zstd chunks) on the same path."""
     uri = uri_for(how.split("-")[0], tmp_path)
-    dest = subprocess.Popen([sys.executable, "-c", DESTINATION, uri], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with reaped(subprocess.Popen([sys.executable, "-c", DESTINATION, uri], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) as dest:
         with Machine(kernel=counter_elf, memory="64M", rng=True) as src:
             events: list[str] = []
             src.add_listener(lambda name, data: events.append(f"{name} {data.get('status', data.get('pass', ''))}"))
@@ -100,10 +112,6 @@ def test_live_migration_between_processes(counter_elf, tmp_path, how):
             assert src.console.text == before, "the source still runs after the switchover"
         out, err = dest.communicate(timeout=120)
         assert dest.returncode == 0, err
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
     received = re.search(r"^RAM ([0-9a-f]{64})$", out, re.M).group(1)
     assert received == sent_ram, "the destination's RAM differs from what the source had at switchover"
     after = eval(re.search(r"^CONSOLE (.*)$", out, re.M).group(1))   # repr of the console text
@@ -124,8 +132,7 @@ def test_cli_destination_and_the_migrate_command(counter_elf, tmp_path):
     calls) runs in the background and query-migrate reports it."""
     uri = uri_for("tcp", tmp_path)
     serial = tmp_path / "serial.log"
-    dest = kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", f"file:{serial}", "--timeout", "4")
-    try:
+    with reaped(kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", f"file:{serial}", "--timeout", "4")) as dest:
         with Machine(kernel=counter_elf, memory="64M") as src:
             src.start()
             src.console.expect(r"tick 00000002", timeout=20)
@@ -143,10 +150,6 @@ def test_cli_destination_and_the_migrate_command(counter_elf, tmp_path):
             assert src.status == "postmigrate"
             before = src.console.text
         assert dest.wait(120) == 124, dest.stderr.read()       # ran on until its --timeout
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
     all_ticks = ticks(before + serial.read_text())
     assert len(all_ticks) > len(ticks(before)) + 2
     assert all_ticks == list(range(1, len(all_ticks) + 1))
@@ -177,8 +180,7 @@ def assert_one_line_exit(dest: subprocess.Popen, needle: str) -> None:
 
 def test_killed_destination_leaves_the_source_running(counter_elf, tmp_path):
     uri = uri_for("unix", tmp_path)
-    dest = kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")
-    try:
+    with reaped(kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")) as dest:
         with Machine(kernel=counter_elf, memory="64M") as src:
             src.start()
             src.console.expect(r"tick 00000001", timeout=20)
@@ -187,10 +189,6 @@ def test_killed_destination_leaves_the_source_running(counter_elf, tmp_path):
             os.kill(dest.pid, signal.SIGKILL)
             wait_for(lambda: src.query_migrate()["status"] == "failed", 60, "the failure noticed")
             assert_source_runs_on(src)
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-        dest.wait()
 
 
 class CuttingRelay(threading.Thread):
@@ -243,8 +241,7 @@ class CuttingRelay(threading.Thread):
 def test_cut_connection_leaves_the_source_running_and_the_destination_exits(counter_elf, tmp_path):
     dest_uri = uri_for("unix", tmp_path)
     relay_path = str(tmp_path / "relay.sock")
-    dest = kvmpy_boot("--incoming", dest_uri, "-m", "64M", "--serial", "null", "--timeout", "60")
-    try:
+    with reaped(kvmpy_boot("--incoming", dest_uri, "-m", "64M", "--serial", "null", "--timeout", "60")) as dest:
         wait_for(lambda: os.path.exists(dest_uri[5:]), 30, "destination listening")
         relay = CuttingRelay(relay_path, dest_uri[5:], cut_after=200_000)
         relay.start()
@@ -255,16 +252,11 @@ def test_cut_connection_leaves_the_source_running_and_the_destination_exits(coun
             wait_for(lambda: src.query_migrate()["status"] == "failed", 60, "the cut noticed")
             assert_source_runs_on(src)
         assert_one_line_exit(dest, "truncated|connection|reset")
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
 
 
 def test_refusing_destination_names_the_difference(counter_elf, tmp_path):
     uri = uri_for("tcp", tmp_path)
-    dest = kvmpy_boot("--incoming", uri, "-m", "128M", "--serial", "null", "--timeout", "60")
-    try:
+    with reaped(kvmpy_boot("--incoming", uri, "-m", "128M", "--serial", "null", "--timeout", "60")) as dest:
         with Machine(kernel=counter_elf, memory="64M") as src:
             src.start()
             src.console.expect(r"tick 00000001", timeout=20)
@@ -272,16 +264,11 @@ def test_refusing_destination_names_the_difference(counter_elf, tmp_path):
                 migrate_when_listening(src, uri)
             assert_source_runs_on(src)
         assert_one_line_exit(dest, "64 MiB")
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
 
 
 def test_cancel_leaves_the_source_running(counter_elf, tmp_path):
     uri = uri_for("unix", tmp_path)
-    dest = kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")
-    try:
+    with reaped(kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")) as dest:
         with Machine(kernel=counter_elf, memory="64M") as src:
             events: list[str] = []
             src.add_listener(lambda name, data: events.append(f"{name} {data.get('status', '')}"))
@@ -294,10 +281,6 @@ def test_cancel_leaves_the_source_running(counter_elf, tmp_path):
             assert "MIGRATION cancelled" in events
             assert_source_runs_on(src)
         assert_one_line_exit(dest, "truncated|connection|reset|EPIPE|Broken pipe")
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
 
 
 def test_shared_disk_lock_is_handed_over(counter_elf, tmp_path):
@@ -308,9 +291,8 @@ def test_shared_disk_lock_is_handed_over(counter_elf, tmp_path):
     image.write_bytes(bytes(1 << 20))
     uri = uri_for("unix", tmp_path)
     serial = tmp_path / "serial.log"
-    dest = kvmpy_boot("--incoming", uri, "-m", "64M", "--drive", f"file={image}", "--serial", f"file:{serial}",
-                      "--timeout", "6")
-    try:
+    with reaped(kvmpy_boot("--incoming", uri, "-m", "64M", "--drive", f"file={image}", "--serial", f"file:{serial}",
+                             "--timeout", "6")) as dest:
         with Machine(kernel=counter_elf, memory="64M", drives=[f"file={image}"]) as src:
             src.start()
             src.console.expect(r"tick 00000002", timeout=20)
@@ -321,10 +303,6 @@ def test_shared_disk_lock_is_handed_over(counter_elf, tmp_path):
                 with pytest.raises(BlockingIOError):
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert dest.wait(120) == 124, dest.stderr.read()
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
 
 
 def vcpu_cpu_share(m: Machine, seconds: float = 0.5) -> float:
@@ -348,8 +326,7 @@ def test_auto_converge_throttles_the_vcpus_and_cancel_releases_them(counter_elf,
     10 ms downtime limit it never converges: auto-converge must park its vCPU most of the time,
     and a cancel must let it run again."""
     uri = uri_for("unix", tmp_path)
-    dest = kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")
-    try:
+    with reaped(kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")) as dest:
         with Machine(kernel=counter_elf, memory="64M") as src:
             src.start()
             src.console.expect(r"tick 00000002", timeout=20)
@@ -377,18 +354,13 @@ def test_auto_converge_throttles_the_vcpus_and_cancel_releases_them(counter_elf,
             printed = len(ticks(src.console.text))
             wait_for(lambda: len(ticks(src.console.text)) > printed, 20, "the guest ticking on")
         assert_one_line_exit(dest, "truncated|connection|reset")
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
 
 
 def test_a_reboot_during_migration_fails_it_and_the_guest_runs_on(counter_elf, tmp_path):
     """A reset rebuilds the VM (a new dirty log): the migration says so and stops; the rebooted
     guest runs on here, the destination exits with one line."""
     uri = uri_for("unix", tmp_path)
-    dest = kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")
-    try:
+    with reaped(kvmpy_boot("--incoming", uri, "-m", "64M", "--serial", "null", "--timeout", "60")) as dest:
         with Machine(kernel=counter_elf, memory="64M") as src:
             src.start()
             src.console.expect(r"tick 00000001", timeout=20)
@@ -399,7 +371,3 @@ def test_a_reboot_during_migration_fails_it_and_the_guest_runs_on(counter_elf, t
             assert src.status == "running" and src.boots == 2 and not src.memory.tracking
             src.console.expect(r"counter guest\n(.|\n)*tick [0-9a-f]{8}\n", timeout=20)
         assert_one_line_exit(dest, "truncated|connection|reset")
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
