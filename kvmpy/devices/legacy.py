@@ -12,6 +12,7 @@ clock source (kvm-clock / CPUID TSC frequency). Bit 4 (refresh) toggles on every
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, fields
@@ -55,14 +56,20 @@ COUNTER_LIMIT = (1 << 63) - 1
 def _checked(state: object, cls: type[S], what: str, limits: dict[str, int]) -> S:
     """The state as `cls`, every int field within [0, limits[name]] and every other a bool."""
     checked = expect_state(state, cls, what)
-    for f in fields(checked):  # type: ignore[arg-type]
-        value = getattr(checked, f.name)
-        if f.name in limits:
-            if type(value) is not int or not 0 <= value <= limits[f.name]:
-                raise StateError(f"restoring {what}", detail=f"{f.name}={value!r}")
+    for name in _field_names(cls):
+        value = getattr(checked, name)
+        if name in limits:
+            if type(value) is not int or not 0 <= value <= limits[name]:
+                raise StateError(f"restoring {what}", detail=f"{name}={value!r}")
         elif not isinstance(value, bool):
-            raise StateError(f"restoring {what}", detail=f"{f.name} is not a bool")
+            raise StateError(f"restoring {what}", detail=f"{name} is not a bool")
     return checked
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A state class's fields, once: a restore checks a dozen small devices at the switchover."""
+    return tuple(f.name for f in fields(cls))
 
 
 @versioned("port80", 1)

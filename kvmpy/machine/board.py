@@ -237,16 +237,16 @@ class Board:
         if not isinstance(vcpus, list) or len(vcpus) != len(self.vcpu_threads):
             raise StateError("restoring vCPUs", detail=f"the snapshot has {len(vcpus) if isinstance(vcpus, list) else '?'} "
                                                       f"vCPU states, this machine has {len(self.vcpu_threads)} vCPUs")
-        for s in vcpus:   # everything validated before the first vCPU changes
+        for t, s in zip(self.vcpu_threads, vcpus):   # everything validated before the first vCPU changes
             if not isinstance(s, VcpuState):
                 raise StateError("restoring vCPUs", detail=f"expected VcpuState, got {type(s).__name__}")
-            s.validate(xsave_bytes=self.vcpu_threads[0].vcpu.xsave_bytes)
+            s.validate(xsave_bytes=t.vcpu.xsave_bytes)
         self.devices.restore(devices)
         if self.wiring is not None:
             self.wiring.rewire_all()
         restore_vm(self.vm, vm_state)
         for t, s in zip(self.vcpu_threads, vcpus):
-            set_vcpu_state(t.vcpu, s)
+            set_vcpu_state(t.vcpu, s, validated=True)
         self.clock.frozen_ns = vm_state.clock_ns   # put back when the vCPUs first run
 
     # -- reports ------------------------------------------------------------------------------

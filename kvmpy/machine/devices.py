@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from kvmpy.errors import ConfigError, StateError
-from kvmpy.state import Stateful
 
 
 # Kinds a migration destination need not match: the API's Python hooks belong to one process.
@@ -44,7 +43,11 @@ class DeviceEntry:
 
     @property
     def stateful(self) -> bool:
-        return isinstance(self.device, Stateful)
+        """Follows the state protocol (kvmpy.state.Stateful). Checked by attribute, not with the
+        runtime Protocol's isinstance: that walks the Protocol's members on every call, half of
+        a switchover's device capture under nested TCG."""
+        device = self.device
+        return callable(getattr(device, "state", None)) and callable(getattr(device, "restore", None))
 
     def describe(self) -> str:
         where = ", ".join(str(r) for r in self.ranges) or "-"

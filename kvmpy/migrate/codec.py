@@ -101,29 +101,59 @@ def _encode_str(out: bytearray, value: str) -> None:
     out += raw
 
 
-def _encode_state(out: bytearray, obj: Any, depth: int) -> None:
-    cls = type(obj)
+# per state class: its header (tag, name, version, field count) and (field, encoded name) pairs,
+# built once: the switchover encodes ~200 values, and under nested TCG every Python step counts
+_LAYOUTS: dict[type, tuple[bytes, tuple[tuple[str, bytes], ...]]] = {}
+
+
+def _layout(cls: type) -> tuple[bytes, tuple[tuple[str, bytes], ...]]:
+    layout = _LAYOUTS.get(cls)
+    if layout is not None and STATE_CLASSES.get(cls.STATE_NAME) is cls:   # still the registered one
+        return layout
     name = getattr(cls, "STATE_NAME", None)
     if name is None or STATE_CLASSES.get(name) is not cls:
         raise _EncodeFailure(f"dataclass {cls.__qualname__} is not registered with @versioned")
-    out.append(T_STATE)
-    _put_name(out, name)
-    _put_uvarint(out, cls.STATE_VERSION)
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    _put_uvarint(out, len(fields))
+    header = bytearray([T_STATE])
+    _put_name(header, name)
+    _put_uvarint(header, cls.STATE_VERSION)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    _put_uvarint(header, len(fields))
+    named = []
     for field in fields:
+        raw = bytearray()
+        _put_name(raw, field)
+        named.append((field, bytes(raw)))
+    layout = _LAYOUTS[cls] = (bytes(header), tuple(named))
+    return layout
+
+
+def _encode_state(out: bytearray, obj: Any, depth: int) -> None:
+    header, fields = _layout(type(obj))
+    out += header
+    for field, encoded_name in fields:
+        out += encoded_name
         try:
-            _put_name(out, field.name)
-            _encode(out, getattr(obj, field.name), depth + 1)
+            _encode(out, getattr(obj, field), depth + 1)
         except _EncodeFailure as failure:
-            failure.path.append(f".{field.name}")
+            failure.path.append(f".{field}")
             raise
 
 
 def _encode(out: bytearray, obj: Any, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise _EncodeFailure(f"nested deeper than {MAX_DEPTH} levels (a cycle?)")
-    if obj is None:
+    kind = type(obj)
+    if kind is int:             # the common case first: registers, MSRs, counters
+        if 0 <= obj < 0x80:
+            out.append(T_UINT)
+            out.append(obj)
+        else:
+            _encode_int(out, obj)
+    elif kind is bytes:
+        out.append(T_BYTES)
+        _put_uvarint(out, len(obj))
+        out += obj
+    elif obj is None:
         out.append(T_NONE)
     elif obj is True:
         out.append(T_TRUE)
@@ -133,9 +163,7 @@ def _encode(out: bytearray, obj: Any, depth: int) -> None:
         # checked before int: an IntEnum is an int, but decoding would give back a plain int
         raise _EncodeFailure(f"enum {type(obj).__qualname__}.{obj.name} is not a state value "
                              "(store its .value)")
-    elif type(obj) is int:
-        _encode_int(out, obj)
-    elif type(obj) is str:
+    elif kind is str:
         _encode_str(out, obj)
     elif isinstance(obj, (bytes, bytearray, memoryview)):
         try:
@@ -145,8 +173,8 @@ def _encode(out: bytearray, obj: Any, depth: int) -> None:
         out.append(T_BYTES)
         _put_uvarint(out, len(raw))
         out += raw
-    elif type(obj) is list or type(obj) is tuple:
-        out.append(T_LIST if type(obj) is list else T_TUPLE)
+    elif kind is list or kind is tuple:
+        out.append(T_LIST if kind is list else T_TUPLE)
         _put_uvarint(out, len(obj))
         for index, item in enumerate(obj):
             try:
@@ -154,7 +182,7 @@ def _encode(out: bytearray, obj: Any, depth: int) -> None:
             except _EncodeFailure as failure:
                 failure.path.append(f"[{index}]")
                 raise
-    elif type(obj) is dict:
+    elif kind is dict:
         out.append(T_DICT)
         _put_uvarint(out, len(obj))
         for key, item in obj.items():
@@ -169,7 +197,7 @@ def _encode(out: bytearray, obj: Any, depth: int) -> None:
             except _EncodeFailure as failure:
                 failure.path.append(f"[{key!r}]")
                 raise
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    elif kind in _LAYOUTS or dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         _encode_state(out, obj, depth)
     else:
         raise _EncodeFailure(f"{type(obj).__qualname__} is not a state value "
@@ -190,6 +218,27 @@ def encode_state(obj: object) -> bytes:
         raise MigrationError("encoding state",
                              detail=f"{len(out)} bytes is more than the {MAX_STATE_BYTES}-byte limit")
     return bytes(out)
+
+
+def _short_uvarint(data: bytes, pos: int) -> tuple[int | None, int]:
+    """A well-formed uvarint of at most 9 bytes (< 2**63) at `pos`: (value, the position after
+    it), or (None, pos) for anything else (longer, cut, a redundant trailing byte), which the
+    caller then reads the checked way (_Decoder.uvarint) to raise the right error."""
+    result = shift = 0
+    for at in range(pos, min(pos + 9, len(data))):
+        byte = data[at]
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if byte == 0 and at > pos:
+                return None, pos
+            return result, at + 1
+        shift += 7
+    return None, pos
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}     # per state class, its init fields' names
+_FIELD_BYTES: dict[type, dict[bytes, str]] = {}   # and the same names as the stream spells them
+_SINGLETONS = (None, False, True)                 # T_NONE, T_FALSE, T_TRUE
 
 
 class _Decoder:
@@ -213,21 +262,32 @@ class _Decoder:
         return value
 
     def uvarint(self) -> int:
-        first = self.byte()
-        if first < 0x80:
-            return first
-        result = first & 0x7F
-        shift = 7
+        data, pos = self.data, self.pos      # locals: an MSR table is ~100 of these per vCPU
+        end = len(data)
+        if pos >= end:
+            raise self.fail("truncated")
+        byte = data[pos]
+        pos += 1
+        if byte < 0x80:
+            self.pos = pos
+            return byte
+        result, shift = byte & 0x7F, 7
         for _ in range(_VARINT_MAX_BYTES - 1):
-            byte = self.byte()
+            if pos >= end:
+                self.pos = pos
+                raise self.fail("truncated")
+            byte = data[pos]
+            pos += 1
             result |= (byte & 0x7F) << shift
             if byte < 0x80:
+                self.pos = pos
                 if byte == 0:
                     raise self.fail("integer with a redundant trailing byte")
                 if result >= INT_LIMIT:
                     raise self.fail("integer larger than 2**64")
                 return result
             shift += 7
+        self.pos = pos
         raise self.fail(f"integer longer than {_VARINT_MAX_BYTES} bytes")
 
     def count(self, min_bytes_each: int) -> int:
@@ -269,22 +329,30 @@ class _Decoder:
         self.values += 1
         if self.values > MAX_VALUES:
             raise self.fail(f"more than {MAX_VALUES} values")
-        at = self.pos
+        data, at = self.data, self.pos
+        if at + 1 < len(data):  # inline: a small int, None or a bool (most of a machine's values)
+            tag = data[at]
+            if tag == T_UINT and data[at + 1] < 0x80:
+                self.pos = at + 2
+                return data[at + 1]
+            if tag <= T_TRUE:
+                self.pos = at + 1
+                return _SINGLETONS[tag]
         tag = self.byte()
+        if tag == T_UINT:       # the common case first: registers, MSRs, counters
+            return self.uvarint()
+        if tag == T_BYTES:
+            return self.raw(self.uvarint())
         if tag == T_NONE:
             return None
         if tag == T_FALSE:
             return False
         if tag == T_TRUE:
             return True
-        if tag == T_UINT:
-            return self.uvarint()
         if tag == T_NEGINT:
             return -self.uvarint() - 1
         if tag == T_STR:
             return self.text(self.uvarint())
-        if tag == T_BYTES:
-            return self.raw(self.uvarint())
         if tag == T_LIST or tag == T_TUPLE:
             items = [self.value(depth + 1) for _ in range(self.count(1))]
             return items if tag == T_LIST else tuple(items)
@@ -297,8 +365,21 @@ class _Decoder:
 
     def mapping(self, depth: int) -> dict[int | str, Any]:
         result: dict[int | str, Any] = {}
+        data = self.data
         for _ in range(self.count(2)):
             at = self.pos
+            # an int -> int entry (an MSR table: most of a vCPU's values) without a call, when both
+            # are short and inside the limits value() checks: anything else takes the general path
+            if at + 2 < len(data) and data[at] == T_UINT and depth + 1 <= MAX_DEPTH \
+                    and self.values + 2 <= MAX_VALUES:
+                key, pos = _short_uvarint(data, at + 1)
+                if key is not None and pos + 1 < len(data) and data[pos] == T_UINT:
+                    value, end = _short_uvarint(data, pos + 1)
+                    if value is not None and key not in result:
+                        self.values += 2
+                        self.pos = end
+                        result[key] = value
+                        continue
             tag = self.byte()
             if tag not in _KEY_TAGS:
                 self.pos = at
@@ -323,11 +404,23 @@ class _Decoder:
             hint = "a newer" if version > cls.STATE_VERSION else "an older"
             raise StateError(f"state {name!r} is version {version}; this kvmpy reads version "
                              f"{cls.STATE_VERSION} (snapshot from {hint} kvmpy?)")
-        expected = {f.name for f in dataclasses.fields(cls) if f.init}
+        expected = _FIELD_NAMES.get(cls)
+        if expected is None:
+            expected = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+        known = _FIELD_BYTES.get(cls)
+        if known is None:
+            known = _FIELD_BYTES[cls] = {f.encode("utf-8"): f for f in expected}
+        data = self.data
         fields: dict[str, Any] = {}
         for _ in range(self.count(3)):
             field_at = self.pos
-            field = self.name()
+            length = data[field_at] if field_at < len(data) else 0
+            end = field_at + 1 + length
+            field = known.get(data[field_at + 1:end]) if 0 < length < 0x80 and end <= len(data) else None
+            if field is not None:           # one of the class's names (one length byte): no checks left
+                self.pos = end
+            else:
+                field = self.name()
             if field in fields:
                 self.pos = field_at
                 raise self.fail(f"state {name!r}: field {field!r} twice")

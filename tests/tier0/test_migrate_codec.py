@@ -283,3 +283,13 @@ def test_random_bytes_fail_cleanly(blob):
 def test_decode_refuses_non_bytes():
     with pytest.raises(MigrationError, match="expected bytes"):
         decode_state("text")  # type: ignore[arg-type]
+
+
+def test_a_cut_field_name_is_truncation_not_a_shorter_field():
+    """The decoder looks a field's name up among the class's names before the generic checks
+    (speed at the switchover); a name cut short by the blob's end is still a clean refusal."""
+    head = bytes([codec.T_STATE]) + name("test-codec-pair") + uvarint(3) + uvarint(2) + name("left") + b"\x00"
+    for cut in range(1, len(b"right")):
+        blob = head + uvarint(len(b"right")) + b"right"[:cut]
+        with pytest.raises(MigrationError, match="exceeds|truncated"):
+            decode_state(blob)
