@@ -17,7 +17,8 @@ sys.path.insert(0, str(common.REPO_ROOT / "tests" / "tier0"))
 with common.instrumented("kvmpy.migrate.codec", "kvmpy.devices", "kvmpy.state"):
     import device_cases  # tests/tier0: the device table (its kvmpy imports get instrumented)
     from kvmpy.errors import KvmpyError
-    from kvmpy.migrate.codec import decode_state, encode_state
+    from kvmpy.migrate.codec import encode_state
+    from kvmpy.migrate.decoder import decode_state
 
 MEM = common.guarded_memory([(0, device_cases.RAM)])
 ENV = device_cases.Env(MEM, Path(common.scratch_dir("codec")))

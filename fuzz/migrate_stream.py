@@ -20,7 +20,7 @@ import common
 with common.instrumented("kvmpy.migrate"):
     from kvmpy.errors import KvmpyError
     from kvmpy.migrate import block, zstd
-    from kvmpy.migrate.codec import decode_state
+    from kvmpy.migrate.decoder import decode_state
     from kvmpy.memslots import GuestMemory
     from kvmpy.migrate.reader import StreamReader, check_file_ranges, verify_file_range
     from kvmpy.migrate.stream import (CHUNK_HEADER, DISK_HEADER, DISK_RUN, FILE_HEADER, FORMAT_VERSION, MAGIC, RANGE_ENTRY, RANGE_TABLE,

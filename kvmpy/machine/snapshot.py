@@ -23,7 +23,8 @@ from kvmpy.errors import KvmpyError, MigrationError, StateError
 from kvmpy.machine.runstate import RunState
 from kvmpy.machine.vmstate import VmState
 from kvmpy.memslots import GuestMemory
-from kvmpy.migrate.codec import decode_state, encode_state
+from kvmpy.migrate.codec import encode_state
+from kvmpy.migrate.decoder import decode_state
 from kvmpy.memslots.layout import ram_ranges
 from kvmpy.migrate.reader import StreamReader, check_file_ranges
 from kvmpy.migrate.stream import SectionKind, StreamWriter

@@ -34,7 +34,8 @@ init fields exactly; the values inside are not type-checked here: each part's `r
 validates its own state (the protocol in kvmpy/state.py).
 
 Only classes already registered can be decoded: import the modules whose state a stream carries
-(the machine does) before decoding.
+(the machine does) before decoding. The encoder is here, the decoder in kvmpy.migrate.decoder
+(decode_state); both read the tags and limits defined here.
 """
 from __future__ import annotations
 
@@ -125,6 +126,17 @@ def _layout(cls: type) -> tuple[bytes, tuple[tuple[str, bytes], ...]]:
         named.append((field, bytes(raw)))
     layout = _LAYOUTS[cls] = (bytes(header), tuple(named))
     return layout
+
+
+def prepare_classes() -> None:
+    """Build every registered state class's encoding layout now, at a migration's setup, so the
+    switchover's encode does not build them in the downtime (kvmpy.migrate.decoder has the
+    same for the destination's side)."""
+    for cls in list(STATE_CLASSES.values()):
+        try:
+            _layout(cls)
+        except _EncodeFailure:
+            continue
 
 
 def _encode_state(out: bytearray, obj: Any, depth: int) -> None:
@@ -218,240 +230,3 @@ def encode_state(obj: object) -> bytes:
         raise MigrationError("encoding state",
                              detail=f"{len(out)} bytes is more than the {MAX_STATE_BYTES}-byte limit")
     return bytes(out)
-
-
-def _short_uvarint(data: bytes, pos: int) -> tuple[int | None, int]:
-    """A well-formed uvarint of at most 9 bytes (< 2**63) at `pos`: (value, the position after
-    it), or (None, pos) for anything else (longer, cut, a redundant trailing byte), which the
-    caller then reads the checked way (_Decoder.uvarint) to raise the right error."""
-    result = shift = 0
-    for at in range(pos, min(pos + 9, len(data))):
-        byte = data[at]
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if byte == 0 and at > pos:
-                return None, pos
-            return result, at + 1
-        shift += 7
-    return None, pos
-
-
-_FIELD_NAMES: dict[type, frozenset[str]] = {}     # per state class, its init fields' names
-_FIELD_BYTES: dict[type, dict[bytes, str]] = {}   # and the same names as the stream spells them
-_SINGLETONS = (None, False, True)                 # T_NONE, T_FALSE, T_TRUE
-
-
-class _Decoder:
-    """One pass over an untrusted blob; every read is bounds-checked first."""
-
-    __slots__ = ("data", "pos", "values")
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.pos = 0
-        self.values = 0
-
-    def fail(self, detail: str) -> MigrationError:
-        return MigrationError("decoding state", detail=f"at byte {self.pos}: {detail}")
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise self.fail("truncated")
-        value = self.data[self.pos]
-        self.pos += 1
-        return value
-
-    def uvarint(self) -> int:
-        data, pos = self.data, self.pos      # locals: an MSR table is ~100 of these per vCPU
-        end = len(data)
-        if pos >= end:
-            raise self.fail("truncated")
-        byte = data[pos]
-        pos += 1
-        if byte < 0x80:
-            self.pos = pos
-            return byte
-        result, shift = byte & 0x7F, 7
-        for _ in range(_VARINT_MAX_BYTES - 1):
-            if pos >= end:
-                self.pos = pos
-                raise self.fail("truncated")
-            byte = data[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                self.pos = pos
-                if byte == 0:
-                    raise self.fail("integer with a redundant trailing byte")
-                if result >= INT_LIMIT:
-                    raise self.fail("integer larger than 2**64")
-                return result
-            shift += 7
-        self.pos = pos
-        raise self.fail(f"integer longer than {_VARINT_MAX_BYTES} bytes")
-
-    def count(self, min_bytes_each: int) -> int:
-        """An element count, refused unless the remaining bytes could hold that many elements."""
-        at = self.pos
-        n = self.uvarint()
-        if n * min_bytes_each > len(self.data) - self.pos:
-            self.pos = at
-            raise self.fail(f"count {n} exceeds the {len(self.data) - self.pos} bytes left")
-        return n
-
-    def raw(self, length: int) -> bytes:
-        if length > len(self.data) - self.pos:
-            raise self.fail(f"length {length} exceeds the {len(self.data) - self.pos} bytes left")
-        chunk = self.data[self.pos:self.pos + length]
-        self.pos += length
-        return chunk
-
-    def text(self, length: int) -> str:
-        at = self.pos
-        raw = self.raw(length)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self.pos = at
-            raise self.fail("string is not valid UTF-8") from None
-
-    def name(self) -> str:
-        at = self.pos
-        length = self.uvarint()
-        if not 1 <= length <= MAX_NAME_BYTES:
-            self.pos = at
-            raise self.fail(f"name length {length} not in 1..{MAX_NAME_BYTES}")
-        return self.text(length)
-
-    def value(self, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise self.fail(f"nested deeper than {MAX_DEPTH} levels")
-        self.values += 1
-        if self.values > MAX_VALUES:
-            raise self.fail(f"more than {MAX_VALUES} values")
-        data, at = self.data, self.pos
-        if at + 1 < len(data):  # inline: a small int, None or a bool (most of a machine's values)
-            tag = data[at]
-            if tag == T_UINT and data[at + 1] < 0x80:
-                self.pos = at + 2
-                return data[at + 1]
-            if tag <= T_TRUE:
-                self.pos = at + 1
-                return _SINGLETONS[tag]
-        tag = self.byte()
-        if tag == T_UINT:       # the common case first: registers, MSRs, counters
-            return self.uvarint()
-        if tag == T_BYTES:
-            return self.raw(self.uvarint())
-        if tag == T_NONE:
-            return None
-        if tag == T_FALSE:
-            return False
-        if tag == T_TRUE:
-            return True
-        if tag == T_NEGINT:
-            return -self.uvarint() - 1
-        if tag == T_STR:
-            return self.text(self.uvarint())
-        if tag == T_LIST or tag == T_TUPLE:
-            items = [self.value(depth + 1) for _ in range(self.count(1))]
-            return items if tag == T_LIST else tuple(items)
-        if tag == T_DICT:
-            return self.mapping(depth)
-        if tag == T_STATE:
-            return self.state(depth)
-        self.pos = at
-        raise self.fail(f"unknown tag {tag:#04x}")
-
-    def mapping(self, depth: int) -> dict[int | str, Any]:
-        result: dict[int | str, Any] = {}
-        data = self.data
-        for _ in range(self.count(2)):
-            at = self.pos
-            # an int -> int entry (an MSR table: most of a vCPU's values) without a call, when both
-            # are short and inside the limits value() checks: anything else takes the general path
-            if at + 2 < len(data) and data[at] == T_UINT and depth + 1 <= MAX_DEPTH \
-                    and self.values + 2 <= MAX_VALUES:
-                key, pos = _short_uvarint(data, at + 1)
-                if key is not None and pos + 1 < len(data) and data[pos] == T_UINT:
-                    value, end = _short_uvarint(data, pos + 1)
-                    if value is not None and key not in result:
-                        self.values += 2
-                        self.pos = end
-                        result[key] = value
-                        continue
-            tag = self.byte()
-            if tag not in _KEY_TAGS:
-                self.pos = at
-                raise self.fail(f"dict key with tag {tag:#04x} (keys are int or str)")
-            self.pos = at
-            key = self.value(depth + 1)
-            if key in result:
-                self.pos = at
-                raise self.fail(f"dict key {key!r} twice")
-            result[key] = self.value(depth + 1)
-        return result
-
-    def state(self, depth: int) -> Any:
-        at = self.pos
-        name = self.name()
-        cls = STATE_CLASSES.get(name)
-        if cls is None:
-            self.pos = at
-            raise self.fail(f"unknown state {name!r} (snapshot from a newer kvmpy?)")
-        version = self.uvarint()
-        if version != cls.STATE_VERSION:
-            hint = "a newer" if version > cls.STATE_VERSION else "an older"
-            raise StateError(f"state {name!r} is version {version}; this kvmpy reads version "
-                             f"{cls.STATE_VERSION} (snapshot from {hint} kvmpy?)")
-        expected = _FIELD_NAMES.get(cls)
-        if expected is None:
-            expected = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
-        known = _FIELD_BYTES.get(cls)
-        if known is None:
-            known = _FIELD_BYTES[cls] = {f.encode("utf-8"): f for f in expected}
-        data = self.data
-        fields: dict[str, Any] = {}
-        for _ in range(self.count(3)):
-            field_at = self.pos
-            length = data[field_at] if field_at < len(data) else 0
-            end = field_at + 1 + length
-            field = known.get(data[field_at + 1:end]) if 0 < length < 0x80 and end <= len(data) else None
-            if field is not None:           # one of the class's names (one length byte): no checks left
-                self.pos = end
-            else:
-                field = self.name()
-            if field in fields:
-                self.pos = field_at
-                raise self.fail(f"state {name!r}: field {field!r} twice")
-            fields[field] = self.value(depth + 1)
-        missing = sorted(expected - fields.keys())
-        extra = sorted(fields.keys() - expected)
-        if missing or extra:
-            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
-                    ([f"unknown {', '.join(extra)}"] if extra else [])
-            raise StateError(f"state {name!r} v{version} does not match this kvmpy's fields",
-                             detail="; ".join(parts))
-        try:
-            return cls(**fields)
-        except StateError:
-            raise
-        except Exception as exc:  # a __post_init__ refusing the values: untrusted input, one line
-            raise StateError(f"state {name!r} v{version}", detail=f"{type(exc).__name__}: {exc}") from None
-
-
-def decode_state(data: bytes | bytearray | memoryview) -> object:
-    """Decode one state value from untrusted bytes (the whole blob, nothing after it). Raises
-    MigrationError for a malformed blob and StateError for a state class this kvmpy reads at
-    another version or with other fields."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise MigrationError("decoding state", detail=f"expected bytes, got {type(data).__name__}")
-    size = data.nbytes if isinstance(data, memoryview) else len(data)
-    if size > MAX_STATE_BYTES:
-        raise MigrationError("decoding state",
-                             detail=f"{size} bytes is more than the {MAX_STATE_BYTES}-byte limit")
-    decoder = _Decoder(data.tobytes() if isinstance(data, memoryview) else bytes(data))
-    value = decoder.value(0)
-    if decoder.pos != len(decoder.data):
-        raise decoder.fail(f"{len(decoder.data) - decoder.pos} bytes after the value")
-    return value

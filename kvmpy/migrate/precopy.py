@@ -36,6 +36,7 @@ from kvmpy.migrate.channel import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUS
                                    SYNCED, Cancelled, Channel)     # (re-exported)
 from kvmpy.migrate.converge import (SWITCH_PAGES, THROTTLE_DEFAULTS, converged, dirtied_faster_than_sent,  # noqa: F401
                                     dirty_windows, expected_downtime_ms, next_throttle, worth_another_pass)
+from kvmpy.migrate.codec import prepare_classes
 from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages, run_table
 from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
 
@@ -162,6 +163,7 @@ class Precopy:
             if word != ACCEPT:
                 raise MigrationError("the destination answered", detail=f"{word[:40]!r} instead of accepting")
             self.dest_syncs = OFFER_SYNC in why.split()
+            prepare_classes()                   # the state's encoding tables now, not in the downtime
             block = self.block
             if block is not None:
                 block.setup(writer, lambda: channel.read_reply(self.reply_timeout_s), ACCEPT, REFUSE)

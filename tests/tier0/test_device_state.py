@@ -24,7 +24,7 @@ from kvmpy.devices.virtio.rng import VirtioRng
 from kvmpy.devices.virtio.transport import VirtioPciDevice
 from kvmpy.errors import StateError
 from kvmpy.memslots import GuestMemory
-from kvmpy.migrate import codec
+from kvmpy.migrate import codec, decoder
 from kvmpy.state import STATE_CLASSES
 
 
@@ -149,7 +149,7 @@ def test_pci_function_intx_level_survives(env):
 @pytest.mark.parametrize("name", list(CASES))
 def test_state_through_the_stream_codec(name, env):
     s = driven(name, env).state()
-    decoded = codec.decode_state(codec.encode_state(s))
+    decoded = decoder.decode_state(codec.encode_state(s))
     assert decoded == s
     fresh = CASES[name].make(env)
     fresh.restore(decoded)

@@ -17,7 +17,7 @@ from hypothesis_budget import examples
 from kvmpy.devices.virtio.rng import RngState
 from kvmpy.errors import StateError
 from kvmpy.memslots import GuestMemory
-from kvmpy.migrate import codec
+from kvmpy.migrate import codec, decoder
 
 Path = tuple[Any, ...]      # attribute names and list indices from the state's root
 
@@ -97,7 +97,7 @@ def test_one_hostile_field_anywhere(name, mem, tmp_path, data):
         accepted = dev.state()
         assert_plain(accepted)
         fresh = CASES[name].make(env)
-        fresh.restore(codec.decode_state(codec.encode_state(accepted)))
+        fresh.restore(decoder.decode_state(codec.encode_state(accepted)))
         assert fresh.state() == accepted
     finally:
         env.close()

@@ -13,7 +13,8 @@ from kvmpy.ioctl._kvm import ffi
 from kvmpy.machine.devices import DeviceTable
 from kvmpy.machine.snapshot import MachineIdentity, MachineState, _check_cpuid, check_identity, check_sizes
 from kvmpy.machine.vmstate import IRQCHIP_BYTES, PIT_BYTES, VmState
-from kvmpy.migrate.codec import decode_state, encode_state
+from kvmpy.migrate.codec import encode_state
+from kvmpy.migrate.decoder import decode_state
 from kvmpy.vcpu.state import BLOCKS, LAPIC_BYTES, VcpuState
 
 HOST_CPUID = [(1, 0, 0, 0x000806F8, 0, 0x7FFAFBFF, 0x178BFBFF), (7, 0, 1, 0, 0x219C97A9, 0, 0)]

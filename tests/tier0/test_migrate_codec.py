@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kvmpy.errors import MigrationError, StateError
 from kvmpy.migrate import codec
-from kvmpy.migrate.codec import MAX_DEPTH, decode_state, encode_state
+from kvmpy.migrate.codec import MAX_DEPTH, encode_state
+from kvmpy.migrate.decoder import decode_state
 from kvmpy.state import versioned
 
 

@@ -17,7 +17,8 @@ from kvmpy.errors import MigrationError
 from kvmpy.memslots import GuestMemory
 from kvmpy.memslots.dirty import DirtyTracker
 from kvmpy.migrate import precopy
-from kvmpy.migrate.codec import decode_state, encode_state
+from kvmpy.migrate.codec import encode_state
+from kvmpy.migrate.decoder import decode_state
 from kvmpy.migrate.precopy import (ACCEPT, FAILED, GO, LOADED, REFUSE, Cancelled, Channel, Precopy,
                                    converged, expected_downtime_ms, receive_memory_and_state)
 from kvmpy.migrate.reader import StreamReader

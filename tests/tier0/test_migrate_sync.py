@@ -12,7 +12,8 @@ import pytest
 
 from kvmpy.errors import MigrationError
 from kvmpy.memslots import GuestMemory
-from kvmpy.migrate.codec import decode_state, encode_state
+from kvmpy.migrate.codec import encode_state
+from kvmpy.migrate.decoder import decode_state
 from kvmpy.migrate.precopy import (ACCEPT, GO, LOADED, OFFER_SYNC, SYNCED, Channel, Precopy,
                                    receive_memory_and_state)
 from kvmpy.migrate.reader import StreamReader
