@@ -52,11 +52,17 @@ n=0; while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+
 ip addr add {guest}/{prefix} dev eth0; ip link set eth0 up
 n=0; until ping -c 1 -W 1 {host} >/dev/null 2>&1 || [ $n -ge 30 ]; do n=$((n+1)); done
 ping -c {pings} -i 0.2 {host} | tail -1 | sed 's/^/NETBENCH-PING /'
+grep '^cpu ' /proc/stat | sed 's/^/NETBENCH-STAT0 /'
 iperf3 -c {host} -p {port} -t {secs} -f m | grep receiver | sed 's/^/NETBENCH-TX /'
 iperf3 -c {host} -p {port} -t {secs} -f m -R | grep receiver | sed 's/^/NETBENCH-RX /'
+grep '^cpu ' /proc/stat | sed 's/^/NETBENCH-STAT1 /'
 """
 PING_RE = re.compile(r"NETBENCH-PING round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms")
 IPERF_RE = re.compile(r"NETBENCH-(TX|RX) .*?([\d.]+) Mbits/sec.*receiver")
+# the guest's /proc/stat "cpu" line before and after both iperf3 runs: user nice system idle
+# iowait irq softirq steal. Steal is time the vCPU thread was runnable in L1 but not running:
+# where a VMM's own threads (or anything else in L1) take the CPU from its guest, it shows here.
+STAT_RE = re.compile(r"NETBENCH-STAT([01]) cpu\s+([\d ]+)")
 
 
 @dataclass
@@ -64,6 +70,20 @@ class Sample:
     tx_mbps: float      # guest -> host
     rx_mbps: float      # host -> guest
     rtt_ms: float       # guest -> host ping, average
+    steal_pct: float | None = None  # of the vCPU's time during the iperf3 runs (None: not reported)
+    idle_pct: float | None = None
+
+
+def cpu_shares(output: str) -> tuple[float | None, float | None]:
+    """(steal %, idle %) of the guest's CPU time between the two NETBENCH-STAT lines."""
+    lines = {m.group(1): [int(v) for v in m.group(2).split()] for m in STAT_RE.finditer(output)}
+    if set(lines) != {"0", "1"} or len(lines["0"]) < 8 or len(lines["1"]) < 8:
+        return None, None
+    delta = [b - a for a, b in zip(lines["0"], lines["1"])]
+    total = sum(delta[:8])
+    if total <= 0:
+        return None, None
+    return 100.0 * delta[7] / total, 100.0 * (delta[3] + delta[4]) / total
 
 
 def parse_results(output: str) -> Sample | None:
@@ -72,7 +92,8 @@ def parse_results(output: str) -> Sample | None:
     rates = {m.group(1): float(m.group(2)) for m in IPERF_RE.finditer(output)}
     if ping is None or set(rates) != {"TX", "RX"}:
         return None
-    return Sample(rates["TX"], rates["RX"], float(ping.group(2)))
+    steal, idle = cpu_shares(output)
+    return Sample(rates["TX"], rates["RX"], float(ping.group(2)), steal, idle)
 
 
 def argv_for(vmm: str, kernel: Path, initrd: Path, append: str) -> list[str]:
@@ -198,8 +219,10 @@ def main() -> int:
                     print(f"round {rnd + 1} {vmm}: FAILED (status {run.exit_status}, test rc {run.test_rc})")
                     print(run.tail(30), file=sys.stderr)
                     continue
+                shares = ("" if sample.steal_pct is None else
+                          f"  guest CPU: steal {sample.steal_pct:4.1f}% idle {sample.idle_pct:4.1f}%")
                 print(f"round {rnd + 1} {vmm:13s} g->h {sample.tx_mbps:8.1f} Mbit/s  h->g {sample.rx_mbps:8.1f} "
-                      f"Mbit/s  ping {sample.rtt_ms:7.3f} ms  ({run.elapsed_s:.1f}s)", flush=True)
+                      f"Mbit/s  ping {sample.rtt_ms:7.3f} ms  ({run.elapsed_s:.1f}s){shares}", flush=True)
                 results[vmm].append(sample)
     finally:
         _ip("link", "del", TAP, check=False)
