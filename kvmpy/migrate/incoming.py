@@ -19,6 +19,7 @@ from kvmpy.memslots import GuestMemory
 from kvmpy.migrate import decoder
 from kvmpy.migrate.codec import encode_state
 from kvmpy.migrate.decoder import decode_state
+from kvmpy.migrate.downtime import collector_paused
 from kvmpy.migrate.live import ACCEPT_TIMEOUT_S, DISK_LOCK_TIMEOUT_S, _disks, _drives, accept_one
 from kvmpy.migrate.precopy import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUSE, REPLY_TIMEOUT_S, SYNCED,
                                    receive_memory_and_state)
@@ -137,18 +138,19 @@ def _receive(machine: "Machine", sock: socket.socket) -> float:
     targets = [(r.gpa, machine.memory.buffer(r.gpa, r.size)) for r in machine.memory.ranges]
     state_payload = receive_memory_and_state(reader, targets, blocks.handle, lambda: _reply(sock, SYNCED))
     state_at = time.monotonic()
-    try:
-        blocks.finish()
-        state = decode_state(state_payload)
-        if not isinstance(state, MachineState) or not isinstance(state.vcpus, list) or \
-                not all(isinstance(v, VcpuState) for v in state.vcpus):
-            raise MigrationError("reading the migration stream", detail="the machine state is malformed")
-        decoded_at = time.monotonic()
-        machine.board.restore(state.vm, state.vcpus, state.devices)
-    except KvmpyError as exc:
-        _reply(sock, FAILED, str(exc))
-        raise MigrationError("loading the migrated guest", detail=str(exc)) from None
-    _reply(sock, LOADED)
+    with collector_paused():        # the downtime: no garbage collection in it
+        try:
+            blocks.finish()
+            state = decode_state(state_payload)
+            if not isinstance(state, MachineState) or not isinstance(state.vcpus, list) or \
+                    not all(isinstance(v, VcpuState) for v in state.vcpus):
+                raise MigrationError("reading the migration stream", detail="the machine state is malformed")
+            decoded_at = time.monotonic()
+            machine.board.restore(state.vm, state.vcpus, state.devices)
+        except KvmpyError as exc:
+            _reply(sock, FAILED, str(exc))
+            raise MigrationError("loading the migrated guest", detail=str(exc)) from None
+        _reply(sock, LOADED)
     loaded_at = time.monotonic()
     log.info("incoming: the state loaded in %.0f ms (decode %.0f, restore %.0f) after the stream's end",
              (loaded_at - state_at) * 1000, (decoded_at - state_at) * 1000, (loaded_at - decoded_at) * 1000)

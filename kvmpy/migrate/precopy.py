@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -37,7 +38,9 @@ from kvmpy.migrate.channel import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUS
 from kvmpy.migrate.converge import (SWITCH_PAGES, THROTTLE_DEFAULTS, converged, dirtied_faster_than_sent,  # noqa: F401
                                     dirty_windows, expected_downtime_ms, next_throttle, worth_another_pass)
 from kvmpy.migrate.codec import prepare_classes
+from kvmpy.migrate.downtime import collector_paused
 from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages, run_table
+from kvmpy.migrate.receive import receive_memory_and_state  # noqa: F401  (re-exported: the other side)
 from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ class Precopy:
         self._window_bytes, self._window_s = 0, 0.0     # passes not yet in `bandwidth`
         self._window_filled = False
         self.dest_syncs = False             # the destination offered SYNC in its ACCEPT
+        self._downtime = ExitStack()        # what holds for the switchover only (no GC)
         self._syncs_sent = 0
 
     # -- queries --------------------------------------------------------------------------------
@@ -210,6 +214,7 @@ class Precopy:
             self._set_throttle(0)
             source.check()
             paused_at = time.monotonic()
+            self._downtime.enter_context(collector_paused())    # no garbage collection until LOADED
             source.pause()
             paused = True
             self._set_status("device")
@@ -229,6 +234,7 @@ class Precopy:
             marks.append(time.monotonic())
             word, why = channel.read_reply(self.reply_timeout_s)
             marks.append(time.monotonic())
+            self._downtime.close()
             if word == FAILED:
                 raise MigrationError("the destination could not load the guest", detail=why)
             if word != LOADED:
@@ -257,6 +263,7 @@ class Precopy:
                      self.total_ms)
             return self.stats()
         except BaseException as exc:
+            self._downtime.close()
             original = exc
             self.total_ms = int((time.monotonic() - self.started) * 1000)
             self._set_throttle(0)
@@ -384,28 +391,3 @@ class Precopy:
                     self.normal_pages += int(dirty.sum())
                     writer.write_pages(r.gpa, buffer, page_runs)
         return self.channel.bytes_sent - before
-
-
-def receive_memory_and_state(reader: Any, targets: list[tuple[int, Any]],
-                             on_disk: Callable[[bytes], None] | None = None,
-                             on_sync: Callable[[], None] | None = None) -> bytes:
-    """The destination's read of everything after CONFIG: MEMORY_RUNS chunks into `targets`
-    [(gpa, writable buffer)], DISK payloads to `on_disk` (block migration) and SYNC markers to
-    `on_sync` (it answers SYNCED) until STATE, then END; the STATE payload. Anything else (a
-    second STATE, pages after it, a MEMORY_FILE, a DISK or SYNC section nobody takes, no STATE)
-    is one MigrationError."""
-    state_payload: bytes | None = None
-    while (section := reader.next_section()) is not None:
-        if section.kind is SectionKind.MEMORY_RUNS and state_payload is None:
-            reader.read_memory_into(section, targets)
-        elif section.kind is SectionKind.DISK and state_payload is None and on_disk is not None:
-            on_disk(section.payload)
-        elif section.kind is SectionKind.SYNC and state_payload is None and on_sync is not None:
-            on_sync()
-        elif section.kind is SectionKind.STATE and state_payload is None:
-            state_payload = section.payload
-        else:
-            raise MigrationError("reading the migration stream", detail=f"an unexpected {section.kind.name} section")
-    if state_payload is None:
-        raise MigrationError("reading the migration stream", detail="the machine state is missing")
-    return state_payload

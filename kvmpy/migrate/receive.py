@@ -1,0 +1,34 @@
+"""The destination's read of a live migration's stream after CONFIG, apart from the source's
+engine (kvmpy.migrate.precopy re-exports it): memory into the destination's RAM, disk blocks
+and SYNC markers to their handlers, until the machine's STATE."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kvmpy.errors import MigrationError
+from kvmpy.migrate.stream import SectionKind
+
+
+def receive_memory_and_state(reader: Any, targets: list[tuple[int, Any]],
+                             on_disk: Callable[[bytes], None] | None = None,
+                             on_sync: Callable[[], None] | None = None) -> bytes:
+    """The destination's read of everything after CONFIG: MEMORY_RUNS chunks into `targets`
+    [(gpa, writable buffer)], DISK payloads to `on_disk` (block migration) and SYNC markers to
+    `on_sync` (it answers SYNCED) until STATE, then END; the STATE payload. Anything else (a
+    second STATE, pages after it, a MEMORY_FILE, a DISK or SYNC section nobody takes, no STATE)
+    is one MigrationError."""
+    state_payload: bytes | None = None
+    while (section := reader.next_section()) is not None:
+        if section.kind is SectionKind.MEMORY_RUNS and state_payload is None:
+            reader.read_memory_into(section, targets)
+        elif section.kind is SectionKind.DISK and state_payload is None and on_disk is not None:
+            on_disk(section.payload)
+        elif section.kind is SectionKind.SYNC and state_payload is None and on_sync is not None:
+            on_sync()
+        elif section.kind is SectionKind.STATE and state_payload is None:
+            state_payload = section.payload
+        else:
+            raise MigrationError("reading the migration stream", detail=f"an unexpected {section.kind.name} section")
+    if state_payload is None:
+        raise MigrationError("reading the migration stream", detail="the machine state is missing")
+    return state_payload
