@@ -83,7 +83,7 @@ def tail(lines: Lines | None, what: str, count: int = 25) -> str:
             + "\n".join(text.splitlines()[-count:]))
 
 
-TIMINGS = re.compile(rb"^.*(?:migrated: |incoming migration done|incoming: |migration pass ).*$", re.M)
+TIMINGS = re.compile(rb"^.*(?:migrated: |incoming migration done|incoming: |migration pass |migration's first pass).*$", re.M)
 
 
 def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, work: Path) -> dict:

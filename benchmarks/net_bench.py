@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -96,13 +98,14 @@ def parse_results(output: str) -> Sample | None:
     return Sample(rates["TX"], rates["RX"], float(ping.group(2)), steal, idle)
 
 
-def argv_for(vmm: str, kernel: Path, initrd: Path, append: str) -> list[str]:
-    """`vmm` is kvmpy-vhost|kvmpy-user[-py]|qemu-vhost|qemu-user, all on the existing TAP."""
+def argv_for(vmm: str, kernel: Path, initrd: Path, append: str, kvmpy_args: Sequence[str] = ()) -> list[str]:
+    """`vmm` is kvmpy-vhost|kvmpy-user[-py]|qemu-vhost|qemu-user, all on the existing TAP;
+    `kvmpy_args`: more `kvmpy boot` flags (e.g. --stats: exits per address, printed at the end)."""
     vhost = "on" if vmm.endswith("vhost") else "off"
     if vmm.startswith("kvmpy"):
         return [sys.executable, "-m", "kvmpy", "--log-level", "info", "boot", "--kernel", str(kernel),
                 "--initrd", str(initrd), "--append", append, "--serial", "stdio", "--no-reboot",
-                "-m", "512M", "--nic", f"tap,ifname={TAP},mac={GUEST_MAC},vhost={vhost}"]
+                "-m", "512M", "--nic", f"tap,ifname={TAP},mac={GUEST_MAC},vhost={vhost}", *kvmpy_args]
     return tier2.qemu_guest_argv(kernel, initrd, append, machine="pc", extra=[
         "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}",
         "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}"])
@@ -179,6 +182,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 -t, each direction")
     ap.add_argument("--vmms", default=",".join(VMMS))
+    ap.add_argument("--kvmpy-args", default="", help="more kvmpy boot flags, e.g. --stats (its exit "
+                                                     "counts land in the round's log)")
     args = ap.parse_args()
     vmms = args.vmms.split(",")
     if not set(vmms) <= set(VMMS + EXTRA_VMMS) or args.rounds < 1 or not 1 <= args.seconds <= 60:
@@ -208,7 +213,8 @@ def main() -> int:
                 server = start_iperf_server()
                 os.environ["KVMPY_VIRTIO_C"] = "0" if vmm.endswith("-py") else "1"
                 try:
-                    run = tier2.run_guest(argv_for(vmm, kernel.bzimage, initrd, append), timeout_s=timeout_s,
+                    run = tier2.run_guest(argv_for(vmm, kernel.bzimage, initrd, append, shlex.split(args.kvmpy_args)),
+                                          timeout_s=timeout_s,
                                           log_path=log_dir / f"netbench-{vmm}-r{rnd + 1}.log")
                 finally:
                     os.environ.pop("KVMPY_VIRTIO_C", None)

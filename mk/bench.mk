@@ -33,7 +33,8 @@ bench-migrate: venv
 # both ways and ping over a link-local TAP. The guest initrd (with iperf3) is built on the host first.
 NET_ROUNDS  ?= 2
 NET_SECONDS ?= 5
+NET_ARGS    ?=# more net_bench.py flags, e.g. NET_ARGS='--vmms kvmpy-vhost --kvmpy-args=--stats'
 .PHONY: bench-net
 bench-net: venv
 	@$(VPY) benchmarks/net_bench.py --prepare >/dev/null || exit 1; \
-	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/net_bench.py --rounds $(NET_ROUNDS) --seconds $(NET_SECONDS)'
+	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/net_bench.py --rounds $(NET_ROUNDS) --seconds $(NET_SECONDS) $(NET_ARGS)'

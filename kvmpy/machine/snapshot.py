@@ -173,7 +173,7 @@ def save_machine(machine: "Machine", uri: str) -> dict[str, Any]:
                 writer.write_section(SectionKind.CONFIG, identity)
                 writer.write_section(SectionKind.STATE, state)
                 writer.write_memory([(r.gpa, machine.memory.buffer(r.gpa, r.size)) for r in machine.memory.ranges],
-                                    extents=_memfd_extents(machine.memory))
+                                    extents=_ram_extents(machine.memory))
                 writer.finish()
         except BaseException:
             machine.emit("MIGRATION", {"status": "failed"})
@@ -194,13 +194,18 @@ def save_machine(machine: "Machine", uri: str) -> dict[str, Any]:
         return stats
 
 
-def _memfd_extents(memory: GuestMemory) -> dict[int, Any] | None:
-    """Where a memfd guest's RAM may hold data: scanning a shmem hole for zero pages would
-    allocate it (no shared zero page for shmem), growing the host's memory by all of guest RAM."""
-    if memory.backend != "memfd" or memory.fd < 0:
-        return None
-    from kvmpy.migrate.pages import data_extents
-    return {r.gpa: data_extents(memory.fd, r.offset, r.size) for r in memory.ranges}
+def _ram_extents(memory: GuestMemory) -> dict[int, Any] | None:
+    """Where guest RAM may hold data, by range gpa: the only bytes a save or a migration's first
+    pass scans for non-zero pages. memfd: its data extents (scanning a shmem hole would allocate
+    it: no shared zero page for shmem, the host would grow by all of guest RAM). Anonymous RAM:
+    the pages it has at all (/proc/self/pagemap; an untouched page is zero, and scanning all of
+    a mostly untouched guest was most of a first pass under nested TCG). Otherwise None: scan."""
+    from kvmpy.migrate.pages import data_extents, populated_extents
+    if memory.backend == "memfd" and memory.fd >= 0:
+        return {r.gpa: data_extents(memory.fd, r.offset, r.size) for r in memory.ranges}
+    if memory.backend == "anon":
+        return {r.gpa: populated_extents(memory.host_address(i), r.size) for i, r in enumerate(memory.ranges)}
+    return None
 
 
 def _flush_disks(machine: "Machine") -> None:

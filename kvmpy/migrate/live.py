@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from kvmpy.errors import DeviceError, KvmpyError, MigrationError, StateError
 from kvmpy.machine.runstate import RunState
-from kvmpy.machine.snapshot import MachineState, _flush_disks, _memfd_extents, identity_of
+from kvmpy.machine.snapshot import MachineState, _flush_disks, _ram_extents, identity_of
 from kvmpy.memslots.dirty import DirtyTracker
 from kvmpy.migrate.codec import encode_state
 from kvmpy.migrate.precopy import Channel, Precopy
@@ -227,7 +227,7 @@ class MachineSource:
             disk.unlock()
 
     def extents(self) -> dict | None:
-        return _memfd_extents(self.memory)
+        return _ram_extents(self.memory)
 
     def block_disks(self) -> list["Drive"]:
         """The writable drives, for block migration (read-only ones are not copied)."""

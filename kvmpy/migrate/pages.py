@@ -88,6 +88,43 @@ def data_extents(fd: int, offset: int, size: int) -> list[tuple[int, int]] | Non
     return extents
 
 
+PAGEMAP_PRESENT, PAGEMAP_SWAPPED = 1 << 63, 1 << 62
+
+
+def populated_extents(address: int, size: int, pagemap: str = "/proc/self/pagemap") -> list[tuple[int, int]] | None:
+    """The extents [(byte offset from `address`, length)] of this process's private anonymous
+    mapping [address, address+size) that hold pages (present, or swapped out), from
+    /proc/self/pagemap; None where it cannot be read. A page the process never touched is
+    neither, and reads as zero.
+
+    Why: a migration's first pass scans all of RAM for zero pages. Under nested TCG that scan
+    was 1.9 s of a 5.1 s first pass for a 512 MiB Linux guest, most of whose RAM the guest never
+    touched; this table (8 bytes a page) says which pages can hold data at all. Only for
+    anonymous memory: a MAP_PRIVATE file mapping's untouched pages hold the file's data."""
+    if address % PAGE_SIZE or size % PAGE_SIZE:
+        return None
+    pages = size // PAGE_SIZE
+    try:
+        fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = bytearray()
+        want, at = pages * 8, (address // PAGE_SIZE) * 8
+        while len(raw) < want:
+            chunk = os.pread(fd, min(want - len(raw), 1 << 20), at + len(raw))
+            if not chunk:
+                return None
+            raw += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    entries = np.frombuffer(raw, dtype="<u8")
+    populated = (entries & np.uint64(PAGEMAP_PRESENT | PAGEMAP_SWAPPED)) != 0
+    return [(first * PAGE_SIZE, count * PAGE_SIZE) for first, count in runs(populated)]
+
+
 def _scan(view: np.ndarray) -> np.ndarray:
     pages = view.size // PAGE_SIZE
     result = np.empty(pages, dtype=bool)

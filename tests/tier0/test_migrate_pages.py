@@ -117,3 +117,22 @@ def test_random_pages_round_trip_in_both_layouts(low_pages, high_pages, file_lay
         for section in reader:
             reader.read_memory_into(section, targets)
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(ranges, targets))
+
+
+def test_populated_extents_are_the_pages_anonymous_memory_has():
+    """A first pass scans only what an anonymous guest RAM holds: pages never touched are zero."""
+    size = 64 * PAGE_SIZE
+    mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_NOHUGEPAGE)       # one page per touch, not a 2 MiB fault
+    ram = np.frombuffer(mapping, np.uint8)
+    address = ram.ctypes.data
+    assert pages.populated_extents(address, size) == []
+    ram[3 * PAGE_SIZE + 5] = 1
+    ram[10 * PAGE_SIZE:13 * PAGE_SIZE] = 7
+    extents = pages.populated_extents(address, size)
+    assert extents == [(3 * PAGE_SIZE, PAGE_SIZE), (10 * PAGE_SIZE, 3 * PAGE_SIZE)]
+    mask = nonzero_pages(ram, extents)
+    assert list(np.flatnonzero(mask)) == [3, 10, 11, 12] and (mask == nonzero_pages(ram)).all()
+    assert pages.populated_extents(address + 1, size) is None            # not page-aligned
+    assert pages.populated_extents(address, size, pagemap="/nonexistent") is None
+    del ram                                     # the mapping closes with its last view
