@@ -35,8 +35,9 @@ import numpy as np
 from kvmpy.errors import KvmpyError, MigrationError
 from kvmpy.migrate.channel import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUSE, REPLY_TIMEOUT_S,  # noqa: F401
                                    SYNCED, Cancelled, Channel)     # (re-exported)
-from kvmpy.migrate.converge import (SWITCH_PAGES, THROTTLE_DEFAULTS, converged, dirtied_faster_than_sent,  # noqa: F401
-                                    dirty_windows, expected_downtime_ms, next_throttle, worth_another_pass)
+from kvmpy.migrate.converge import (BANDWIDTH_WINDOW_BYTES, SWITCH_PAGES, THROTTLE_DEFAULTS,  # noqa: F401
+                                    BandwidthMeter, converged, dirtied_faster_than_sent, dirty_windows,
+                                    expected_downtime_ms, next_throttle, runqueue_wait_s, worth_another_pass)
 from kvmpy.migrate.codec import prepare_classes
 from kvmpy.migrate.downtime import collector_paused
 from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages, run_table
@@ -45,7 +46,6 @@ from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
 
 log = logging.getLogger(__name__)
 
-BANDWIDTH_WINDOW_BYTES = 8 << 20    # passes measure the bandwidth once they sent this much together
 WHOLE_RANGE_PAGES = 4096            # a dirty set this small is taken and sent a range at a time
 
 
@@ -89,7 +89,7 @@ class Precopy:
         self.started = time.monotonic()
         self.setup_ms = 0
         self.passes = 0                     # dirty-sync-count
-        self.bandwidth = 0.0                # bytes/s: the first pass, then windows of passes (_measure)
+        self.meter = BandwidthMeter()       # bytes/s: the first pass, then windows of passes
         self.sync_ms = 0.0                  # the last read of the dirty log(s): a cost of every pass
         self.remaining_pages = sum(r.size for r in source.memory.ranges) // PAGE_SIZE
         self.dirty_rate = 0.0               # pages/s
@@ -100,8 +100,6 @@ class Precopy:
         self.error = ""
         self.on_status: Callable[[str], None] | None = None
         self._writer: StreamWriter | None = None
-        self._window_bytes, self._window_s = 0, 0.0     # passes not yet in `bandwidth`
-        self._window_filled = False
         self.dest_syncs = False             # the destination offered SYNC in its ACCEPT
         self._downtime = ExitStack()        # what holds for the switchover only (no GC)
         self._syncs_sent = 0
@@ -195,21 +193,23 @@ class Precopy:
                 previous_left = left
                 if self.auto_converge and self.passes and not fits:
                     self._maybe_throttle(left * PAGE_SIZE, sent)
-                sending_at = time.monotonic()
+                sending_at, waited_at = time.monotonic(), runqueue_wait_s()
                 sent = self._dirty_pass(writer)
                 if block is not None:
                     sent += block.dirty_pass(writer)
                 sent_at = time.monotonic()
                 self._catch_up(writer)
                 elapsed = max(time.monotonic() - synced_at, 1e-6)
-                self._measure(sent, max(time.monotonic() - sending_at, 1e-6))
+                self._measure(sent, max(time.monotonic() - sending_at, 1e-6), waited_at)
                 self.dirty_rate = self.remaining_pages / elapsed
                 self.passes += 1
                 source.emit("MIGRATION_PASS", {"pass": self.passes})
                 log.info("migration pass %d: %d pages, %.1f MiB in %.0f ms (log sync %.0f, send %.0f, destination "
-                         "catching up %.0f); %.1f MB/s, expected downtime %.0f ms", self.passes, self.remaining_pages,
+                         "catching up %.0f); %.1f MB/s (%.1f without waiting for a CPU), expected downtime %.0f ms",
+                         self.passes, self.remaining_pages,
                          sent / 2**20, elapsed * 1000, (sending_at - synced_at) * 1000, (sent_at - sending_at) * 1000,
-                         (synced_at + elapsed - sent_at) * 1000, self.bandwidth / 1e6, self.expected_ms)
+                         (synced_at + elapsed - sent_at) * 1000, self.bandwidth / 1e6,
+                         self._switch_bandwidth() / 1e6, self.expected_ms)
             # switchover
             self._set_throttle(0)
             source.check()
@@ -307,33 +307,31 @@ class Precopy:
         if percent:
             log.info("migration: auto-converge throttles the vCPUs by %d%%", percent)
 
-    def _measure(self, sent: int, elapsed: float) -> None:
-        """The bandwidth: bytes over the seconds from the first write to SYNCED, over windows of
-        passes (the first included) that sent BANDWIDTH_WINDOW_BYTES together (before the first
-        fills: over everything so far). Windows: a pass of 214 pages in L1 was 680 ms of fixed
-        costs (walk, SYNC round trip), 1.3 MB/s where the first pass measured 10, and an idle guest
-        iterated for 120 s. The log read is left out: it costs the same for 1 page or 10^5, a fixed
-        term of the expected downtime (sync_ms), not a slower rate for every byte."""
-        self._window_bytes += sent
-        self._window_s += elapsed
-        full = self._window_bytes >= BANDWIDTH_WINDOW_BYTES
-        if full or not self._window_filled:
-            self.bandwidth = self._window_bytes / max(self._window_s, 1e-6)
-        if full:
-            self._window_filled = True
-            self._window_bytes, self._window_s = 0, 0.0
+    def _measure(self, sent: int, elapsed: float, waited_at: float | None = None) -> None:
+        """One pass into the meter (converge.BandwidthMeter); `waited_at`: runqueue_wait_s() when
+        the pass began."""
+        waited = 0.0
+        if waited_at is not None and (now := runqueue_wait_s()) is not None:
+            waited = now - waited_at
+        self.meter.measure(sent, elapsed, waited)
+
+    @property
+    def bandwidth(self) -> float:
+        return self.meter.bandwidth
 
     def _switch_bandwidth(self) -> float:
-        """The bandwidth the expected downtime is computed with: measured, but never above
-        max-bandwidth (a small first pass fits in the rate limiter's first window and in the
-        socket buffers at memory speed, which says nothing about the link)."""
+        """The bandwidth the expected downtime is computed with: measured without the waits for
+        a CPU (see _measure), but never above max-bandwidth (a small first pass fits in the rate
+        limiter's first window and in the socket buffers at memory speed, which says nothing
+        about the link)."""
+        rate = self.meter.switch_bandwidth or self.meter.bandwidth
         if self.max_bandwidth:
-            return min(self.bandwidth, float(self.max_bandwidth))
-        return self.bandwidth
+            return min(rate, float(self.max_bandwidth))
+        return rate
 
     def _first_pass(self, writer: StreamWriter) -> None:
         """All of RAM, zero pages left out (the destination's fresh RAM is zero)."""
-        started, before, cpu_at = time.monotonic(), self.channel.bytes_sent, time.thread_time()
+        started, before, cpu_at, waited_at = time.monotonic(), self.channel.bytes_sent, time.thread_time(), runqueue_wait_s()
         scan_s = 0.0
         memory = self.source.memory
         extents = getattr(self.source, "extents", lambda: None)() or {}
@@ -357,7 +355,7 @@ class Precopy:
         sent_at = time.monotonic()
         self._catch_up(writer)
         elapsed = max(time.monotonic() - started, 1e-6)
-        self._measure(self.channel.bytes_sent - before, elapsed)
+        self._measure(self.channel.bytes_sent - before, elapsed, waited_at)
         # where a first pass goes (CPU-bound or waiting on the link and the destination?)
         log.info("migration's first pass: %.1f MiB in %.0f ms (zero scan %.0f, send %.0f, destination catching "
                  "up %.0f), this thread's CPU %.0f ms", (self.channel.bytes_sent - before) / 2**20, elapsed * 1000,

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from kvmpy.migrate import precopy
 from kvmpy.migrate.pages import nonzero_pages, runs
-from kvmpy.migrate.converge import dirty_windows
+from kvmpy.migrate.converge import BANDWIDTH_WINDOW_BYTES, BandwidthMeter, dirty_windows, runqueue_wait_s
 from kvmpy.migrate.stream import CHUNK_PAGES, ZERO_RUN, gathered_chunks
 
 PAGE = 4096
@@ -69,32 +68,48 @@ def test_gathered_chunks_hold_at_most_a_chunk_of_pages():
     assert not any(np.shares_memory(pages, view) for _, pages in chunks), "the pages are a copy"
 
 
-def fresh_engine() -> precopy.Precopy:
-    engine = precopy.Precopy.__new__(precopy.Precopy)       # only the measuring state
-    engine.bandwidth = 0.0
-    engine._window_bytes, engine._window_s, engine._window_filled = 0, 0.0, False
-    return engine
-
-
 def test_small_passes_do_not_redefine_the_bandwidth_once_a_window_was_measured():
-    e = fresh_engine()
-    e._measure(80 << 20, 8.0)                   # the first pass: 80 MiB in 8 s
+    e = BandwidthMeter()
+    e.measure(80 << 20, 8.0)                    # the first pass: 80 MiB in 8 s
     assert e.bandwidth == (80 << 20) / 8.0
     for _ in range(5):                          # 214 pages in 0.68 s each: latency, not bandwidth
-        e._measure(214 * PAGE, 0.68)
+        e.measure(214 * PAGE, 0.68)
         assert e.bandwidth == (80 << 20) / 8.0
-    e._measure(precopy.BANDWIDTH_WINDOW_BYTES, 1.0)     # a window's worth: measured over all of it
-    assert e.bandwidth == (5 * 214 * PAGE + precopy.BANDWIDTH_WINDOW_BYTES) / (5 * 0.68 + 1.0)
-    assert e._window_bytes == 0 and e._window_s == 0.0
+    e.measure(BANDWIDTH_WINDOW_BYTES, 1.0)      # a window's worth: measured over all of it
+    assert e.bandwidth == (5 * 214 * PAGE + BANDWIDTH_WINDOW_BYTES) / (5 * 0.68 + 1.0)
+    assert e.switch_bandwidth == e.bandwidth    # no wait for a CPU reported
+    assert e._bytes == 0 and e._seconds == 0.0
 
 
 def test_until_a_window_fills_the_bandwidth_is_everything_so_far():
     """A small guest's first pass (1 MiB into a socket buffer at once) must not stand for the link."""
-    e = fresh_engine()
-    e._measure(1 << 20, 0.001)
+    e = BandwidthMeter()
+    e.measure(1 << 20, 0.001)
     assert e.bandwidth == (1 << 20) / 0.001
-    e._measure(2 << 20, 0.5)
+    e.measure(2 << 20, 0.5)
     assert e.bandwidth == (3 << 20) / 0.501
+
+
+def test_the_switchover_rate_leaves_out_the_waits_for_a_cpu_at_most_half():
+    """The guest's vCPUs took the CPU during the passes; at the switchover they are stopped."""
+    e = BandwidthMeter()
+    e.measure(16 << 20, 2.0, waited=0.5)
+    assert e.bandwidth == (16 << 20) / 2.0 and e.switch_bandwidth == (16 << 20) / 1.5
+    f = BandwidthMeter()
+    f.measure(16 << 20, 2.0, waited=1.9)        # never more optimistic than twice the measured rate
+    assert f.switch_bandwidth == 2 * f.bandwidth
+    g = BandwidthMeter()
+    g.measure(16 << 20, 2.0, waited=-3.0)       # a counter that went backwards counts as no wait
+    assert g.switch_bandwidth == g.bandwidth
+
+
+def test_runqueue_wait_reads_the_second_schedstat_field(tmp_path):
+    stat = tmp_path / "schedstat"
+    stat.write_text("123456789 2500000000 42\n")
+    assert runqueue_wait_s(str(stat)) == 2.5
+    stat.write_text("garbage\n")
+    assert runqueue_wait_s(str(stat)) is None
+    assert runqueue_wait_s(str(tmp_path / "missing")) is None
 
 
 class CountingTracker:
