@@ -117,8 +117,17 @@ class MachineSource:
     """A running Machine as precopy.PrecopySource."""
 
     def __init__(self, machine: "Machine"):
-        if machine.board is None or machine.run_state not in (RunState.RUNNING, RunState.PAUSED):
-            raise StateError("migrating", detail=f"the machine is {machine.status}")
+        # Under the machine's lock, the one its close and its reboots hold while they notify the
+        # board watchers and close the VM: either the board is gone already (refused here) or our
+        # watcher hears of it before its fd closes. Without it, an API user who left
+        # `with Machine(...)` right after migrate() had the tracker's first ioctl land on a
+        # closed (or reused) VM fd: "KVM_SET_USER_MEMORY_REGION(slot 0) on vm6: ENOTTY".
+        with machine._lock:
+            if machine.board is None or machine.run_state not in (RunState.RUNNING, RunState.PAUSED):
+                raise StateError("migrating", detail=f"the machine is {machine.status}")
+            self._attach(machine)
+
+    def _attach(self, machine: "Machine") -> None:
         self.machine, self.board, self.memory = machine, machine.board, machine.memory
         self.tracker = DirtyTracker(self.memory, self.board.vm)
         offloads = []

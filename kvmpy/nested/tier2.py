@@ -17,6 +17,7 @@ from typing import Sequence
 
 from kvmpy.errors import NestedError
 from kvmpy.nested import initscripts
+from kvmpy.nested.progress import L1_LIVELOCK_SIGNATURE  # (defined with the other signs of a broken L1)
 from kvmpy.cli.info import host_kvm_kind  # noqa: F401  (re-exported for tests)
 
 COMMAND_LINE_MAX = 2048           # x86 COMMAND_LINE_SIZE
@@ -109,11 +110,6 @@ class GuestRun:
         return "\n".join(self.output.splitlines()[-lines:])
 
 
-# What kvmpy's state report shows for the livelock below kvmpy that nested SVM on QEMU TCG (L1)
-# sometimes falls into before the guest prints anything: the vCPU re-injecting a #PF for an
-# instruction fetch at an address the guest never mapped, with no exit to userspace (see the
-# issue notes of the TSC-deadline change; seen again once in a fresh clone's first boot).
-L1_LIVELOCK_SIGNATURE = ("events: exception 14 injected", "is not mapped)")
 TRIPLE_FAULT_STATUS = 3         # kvmpy's exit status for a guest that shut down by triple fault
 
 

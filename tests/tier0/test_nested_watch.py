@@ -315,6 +315,25 @@ def test_progress_plugin_marks_failures_that_show_a_broken_guest():
     assert progress.l1_suspect("kvmpy: guest triple fault on vCPU 1: guest shut down (triple fault)")
     assert progress.l1_suspect("[  109.5] rcu: RCU grace-period kthread stack dump:")
     assert not progress.l1_suspect("AssertionError: the guest's data changed")
+    # a timed-out guest's state report: the vCPU re-injecting a #PF for an unmapped fetch
+    stuck = ("vcpu0: runnable rip=0xffffffffc044020c\n  events: exception 14 injected error 0x10\n"
+             "  code: (0xffffffffc044020c is not mapped)\n")
+    assert progress.l1_suspect(stuck)
+    assert not progress.l1_suspect("  events: exception 14 injected error 0x10\n")   # alone: a kvmpy bug
+
+
+def test_progress_plugin_reads_the_guest_logs_attached_to_a_failure(tmp_path, monkeypatch):
+    """The livelock shows in the guest log section the tier-2 conftest adds, not the assertion."""
+    from types import SimpleNamespace
+
+    from kvmpy.nested import progress
+    monkeypatch.setattr(progress, "_stream", (tmp_path / "progress").open("w"))
+    log = "KVMPY-PING-OK\n  events: exception 14 injected error 0x10\n  code: (0xffffffffc044020c is not mapped)\n"
+    progress.pytest_runtest_logreport(SimpleNamespace(
+        failed=True, nodeid="t.py::test_net", longreprtext="AssertionError: guest -> host ping failed",
+        longrepr=None, sections=[("guest log: kvmpy-net (timed out, 301.2s)", log)]))
+    progress._stream.close()
+    assert (tmp_path / "progress").read_text().splitlines() == ["failed t.py::test_net", "l1-suspect t.py::test_net"]
 
 
 def test_driver_gives_up_after_max_boots(capsys):
