@@ -10,6 +10,7 @@ import ctypes
 import shutil
 import socket
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -402,6 +403,7 @@ def fake_machine(mem, offloads):
                for i, o in enumerate(offloads)]
     board = SimpleNamespace(devices=devices, vm=FakeVm(mem))
     return SimpleNamespace(board=board, memory=mem, run_state=RunState.RUNNING, status="running",
+                           _lock=threading.RLock(),     # the machine's transitions lock (MachineSource attaches under it)
                            add_board_watcher=lambda watcher: None, remove_board_watcher=lambda watcher: None)
 
 
