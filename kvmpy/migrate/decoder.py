@@ -20,22 +20,6 @@ from kvmpy.migrate.codec import (_KEY_TAGS, _VARINT_MAX_BYTES, INT_LIMIT, MAX_DE
 from kvmpy.state import STATE_CLASSES
 
 
-def _short_uvarint(data: bytes, pos: int) -> tuple[int | None, int]:
-    """A well-formed uvarint of at most 9 bytes (< 2**63) at `pos`: (value, the position after
-    it), or (None, pos) for anything else (longer, cut, a redundant trailing byte), which the
-    caller then reads the checked way (_Decoder.uvarint) to raise the right error."""
-    result = shift = 0
-    for at in range(pos, min(pos + 9, len(data))):
-        byte = data[at]
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if byte == 0 and at > pos:
-                return None, pos
-            return result, at + 1
-        shift += 7
-    return None, pos
-
-
 _FIELD_NAMES: dict[type, frozenset[str]] = {}     # per state class, its init fields' names
 _FIELD_BYTES: dict[type, dict[bytes, str]] = {}   # and the same names as the stream spells them
 _SINGLETONS = (None, False, True)                 # T_NONE, T_FALSE, T_TRUE
@@ -169,18 +153,18 @@ class _Decoder:
         data = self.data
         for _ in range(self.count(2)):
             at = self.pos
-            # an int -> int entry (an MSR table: most of a vCPU's values) without a call, when both
-            # are short and inside the limits value() checks: anything else takes the general path
-            if at + 2 < len(data) and data[at] == T_UINT and depth + 1 <= MAX_DEPTH \
+            # an int -> int entry (an MSR table: most of a vCPU's values) without value()'s
+            # dispatch, within the limits value() checks; anything else takes the general path
+            if at + 1 < len(data) and data[at] == T_UINT and depth + 1 <= MAX_DEPTH \
                     and self.values + 2 <= self.max_values:
-                key, pos = _short_uvarint(data, at + 1)
-                if key is not None and pos + 1 < len(data) and data[pos] == T_UINT:
-                    value, end = _short_uvarint(data, pos + 1)
-                    if value is not None and key not in result:
-                        self.values += 2
-                        self.pos = end
-                        result[key] = value
-                        continue
+                self.pos = at + 1
+                key = self.uvarint()
+                if key not in result and self.pos < len(data) and data[self.pos] == T_UINT:
+                    self.pos += 1
+                    self.values += 2
+                    result[key] = self.uvarint()
+                    continue
+                self.pos = at
             tag = self.byte()
             if tag not in _KEY_TAGS:
                 self.pos = at

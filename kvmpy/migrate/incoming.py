@@ -17,7 +17,6 @@ from kvmpy.machine.runstate import RunState
 from kvmpy.machine.snapshot import MachineState, _host_cpuid, check_identity, check_sizes
 from kvmpy.memslots import GuestMemory
 from kvmpy.migrate import decoder
-from kvmpy.migrate.codec import encode_state
 from kvmpy.migrate.decoder import decode_state
 from kvmpy.migrate.downtime import collector_paused
 from kvmpy.migrate.live import ACCEPT_TIMEOUT_S, DISK_LOCK_TIMEOUT_S, _disks, _drives, accept_one
@@ -87,18 +86,6 @@ def _prepare(machine: "Machine") -> None:
     machine._apply_port_hooks()
 
 
-def _warm_state_codec(board) -> None:
-    """Decode this board's own fresh state once, before the source sends anything: the state
-    that arrives in the downtime is then decoded warm (every class's tables built, the
-    decoder's paths run once). Cold, that decode took 35-50 ms in L1 against 28 warm. Only a
-    warm-up: whatever goes wrong here is logged and forgotten."""
-    decoder.prepare_classes()
-    try:
-        decode_state(encode_state(MachineState(board.vm_state(), board.vcpu_states(), board.devices.state())))
-    except Exception as exc:    # noqa: BLE001 (a fresh device that cannot say its state yet)
-        log.debug("warming the state decoder: %s", exc)
-
-
 def _reply(sock: socket.socket, word: bytes, text: str = "") -> None:
     line = word + (b" " + text.encode("ascii", errors="replace")[:500] if text else b"") + b"\n"
     try:
@@ -130,7 +117,7 @@ def _receive(machine: "Machine", sock: socket.socket) -> float:
         check_identity(identity, machine, _host_cpuid(machine))
         # the vCPUs now (with the source's CPUID), not in the downtime after STATE
         machine.board.create_vcpus(None, [[tuple(e) for e in t] for t in identity.cpuid])
-        _warm_state_codec(machine.board)
+        decoder.prepare_classes()     # the state classes' tables now, not in the downtime
     except KvmpyError as exc:
         _reply(sock, REFUSE, str(exc))
         raise
