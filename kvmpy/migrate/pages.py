@@ -162,11 +162,16 @@ def run_table(mask: np.ndarray, offset: int = 0) -> np.ndarray:
     """The runs of True in a boolean array as one (n, 2) int64 array of (first index + `offset`,
     count) rows, in order: what a pass hands StreamWriter.write_pages, with no Python per run
     (a guest's scattered dirty pages are thousands of runs a pass)."""
-    if not mask.size:
+    # From the set indices, not edges over the whole mask: a switchover's mask is all of RAM
+    # with a few thousand pages set, and the edge diff (in int64 after the concatenation)
+    # cost ~1.7 ms here, tens of ms of the downtime in L1, against 0.1 ms.
+    index = np.flatnonzero(mask)
+    if not index.size:
         return np.empty((0, 2), dtype=np.int64)
-    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    starts = np.flatnonzero(edges == 1)
-    return np.stack([starts + offset, np.flatnonzero(edges == -1) - starts], axis=1).astype(np.int64)
+    breaks = np.flatnonzero(np.diff(index) != 1)
+    starts = index[np.concatenate(([0], breaks + 1))]
+    ends = index[np.concatenate((breaks, [index.size - 1]))] + 1
+    return np.stack([starts + offset, ends - starts], axis=1).astype(np.int64)
 
 
 class RangeChecksum:
