@@ -47,6 +47,7 @@ from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
 log = logging.getLogger(__name__)
 
 WHOLE_RANGE_PAGES = 4096            # a dirty set this small is taken and sent a range at a time
+SWITCHOVER_CHUNK_PAGES = 256        # the paused guest's last pages go in chunks this small (StreamWriter.chunk_pages)
 
 
 class PrecopySource(Protocol):
@@ -219,6 +220,7 @@ class Precopy:
             paused = True
             self._set_status("device")
             writer.copy_pages = False
+            writer.chunk_pages = SWITCHOVER_CHUNK_PAGES
             channel.max_bandwidth = 0           # the guest is stopped: no reason to hold back now
             marks = [time.monotonic()]          # where the downtime goes: logged at the end
             self.remaining_pages = source.tracker.sync()
