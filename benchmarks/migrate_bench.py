@@ -165,8 +165,16 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
     for where, lines in (("source", src), ("destination", dst)):
         for line in TIMINGS.findall(lines.buf):
             print(f"{vmm} {where}: {line.decode(errors='replace').strip()}", flush=True)
+    source_ms = info.get("downtime")     # QEMU's own figure is the source's part
+    if vmm == "kvmpy" and (m := KVMPY_DOWNTIME.search(src.buf)):
+        source_ms = round(sum(float(x) for x in m.groups()))
     return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"), "paused_ms": paused_ms,
-            "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count")}
+            "source_ms": source_ms, "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count")}
+
+
+# kvmpy's breakdown: pause, last pages and state are the source's part (to the stream's last
+# byte), what QEMU's downtime counts; the destination's load follows
+KVMPY_DOWNTIME = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), last \d+ pages ([\d.]+), state ([\d.]+),")
 
 
 def event_time(event: dict) -> float:
@@ -203,15 +211,16 @@ def main() -> int:
         HOSTS.remove()
     print(f"\nlive migration over tcp between two namespaces (veth), {args.memory} MiB, 2 vCPUs, "
           f"downtime-limit {PARAMS['downtime-limit']} ms, max-bandwidth 1 GiB/s")
-    print(f"{'workload':>9} {'vmm':6} {'total':>9} {'downtime':>9} {'paused':>9} {'sent':>9} {'passes':>6}")
+    print(f"{'workload':>9} {'vmm':6} {'total':>9} {'downtime':>9} {'source':>9} {'paused':>9} {'sent':>9} {'passes':>6}")
     for workload, vmm, r in rows:
         sent = None if r["sent"] is None else f"{r['sent'] / 2**20:.1f}"
         print(f"{workload + ('' if workload == 'idle' else ' MiB'):>9} {vmm:6} "
               f"{fmt(r['total_ms'], ' ms'):>9} {fmt(r['downtime_ms'], ' ms'):>9} "
-              f"{fmt(r.get('paused_ms'), ' ms'):>9} {fmt(sent, ' MiB'):>9} {fmt(r['passes']):>6} {r.get('note', '')}")
+              f"{fmt(r.get('source_ms'), ' ms'):>9} {fmt(r.get('paused_ms'), ' ms'):>9} {fmt(sent, ' MiB'):>9} {fmt(r['passes']):>6} {r.get('note', '')}")
     print("\ngoals: downtime <= QEMU's; total time <= 1.2x QEMU's. \"downtime\": each VMM's own "
           "figure (QEMU's ends when its source has sent everything, kvmpy's when its destination "
-          "has loaded the guest); \"paused\": source STOP to destination RESUME, both alike")
+          "has loaded the guest); \"source\": pause to the stream's last byte (QEMU's own figure); "
+          "\"paused\": source STOP to destination RESUME, both alike")
     for workload in dict.fromkeys(w for w, _, _ in rows):
         k = next(r for w, v, r in rows if w == workload and v == "kvmpy")
         q = next(r for w, v, r in rows if w == workload and v == "qemu")
@@ -220,9 +229,11 @@ def main() -> int:
         total = k["total_ms"] / max(q["total_ms"], 1)
         down_ok = k["downtime_ms"] <= q["downtime_ms"]
         paused_ok = k["paused_ms"] <= q["paused_ms"]
+        source_ok = k["source_ms"] is not None and k["source_ms"] <= q["source_ms"]
         print(f"{workload:>9}: total {total:.2f}x QEMU ({'met' if total <= 1.2 else 'NOT met'}), "
               f"downtime {k['downtime_ms']} vs {q['downtime_ms']} ms "
-              f"({'met' if down_ok else 'NOT met'}), paused {k['paused_ms']} vs {q['paused_ms']} ms "
+              f"({'met' if down_ok else 'NOT met'}), source {k['source_ms']} vs {q['source_ms']} ms "
+              f"({'met' if source_ok else 'NOT met'}), paused {k['paused_ms']} vs {q['paused_ms']} ms "
               f"({'met' if paused_ok else 'NOT met'})")
     return 0
 
