@@ -423,16 +423,6 @@ int kvmpy_net_tx(struct kvmpy_vq *q, struct kvmpy_net *n, struct kvmpy_chain *c)
 with open(os.path.join(_HERE, "netfast.c")) as _f:
     SOURCE += "\n" + _f.read().replace('#include "netfast.h"', _NETFAST_H)
 
-# ---- whole-page gather/place for the migration stream (pagecopy.c; see kvmpy/migrate/pages.py) ----
-CDEF += r"""
-int kvmpy_pages_gather(uint8_t *out, const uint8_t *ram, uint64_t npages, const int64_t *pages,
-                       uint64_t n, uint64_t page_size);
-int kvmpy_pages_place(uint8_t *ram, uint64_t npages, const uint8_t *in, const int64_t *pages,
-                      uint64_t n, uint64_t page_size);
-"""
-with open(os.path.join(_HERE, "pagecopy.c")) as _f:
-    SOURCE += "\n" + _f.read()
-
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source("kvmpy.ioctl._kvm", SOURCE, extra_compile_args=["-O2"])

@@ -200,39 +200,14 @@ def memory_checksum(buffer: Any) -> int:
 
 def scatter_pages(target: np.ndarray, runs_table: np.ndarray, data: Any) -> None:
     """Put a chunk's pages in place: `data` (its data runs' pages in order) into the runs' pages
-    of `target` (place_pages), and zero into its zero runs (one numpy call)."""
+    of `target`, and zero into its zero runs, each with one numpy call."""
+    pages = target.reshape(-1, PAGE_SIZE)
     zero = runs_table[:, 2] != 0
     if (~zero).any():
-        place_pages(target, page_numbers(runs_table[~zero, 0], runs_table[~zero, 1]), data)
+        source = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        pages[page_numbers(runs_table[~zero, 0], runs_table[~zero, 1])] = source
     if zero.any():
-        target.reshape(-1, PAGE_SIZE)[page_numbers(runs_table[zero, 0], runs_table[zero, 1])] = 0
-
-
-def gather_pages(ram: np.ndarray, pages: np.ndarray) -> np.ndarray:
-    """Pages `pages` of `ram` (bytes) copied into one new (len(pages), PAGE_SIZE) array, in order:
-    `ram.reshape(-1, PAGE_SIZE)[pages]`, a memcpy per page in C (pagecopy.c says why)."""
-    from kvmpy.ioctl._kvm import ffi, lib
-    pages = np.ascontiguousarray(pages, dtype=np.int64)
-    out = np.empty((pages.size, PAGE_SIZE), dtype=np.uint8)
-    if pages.size and lib.kvmpy_pages_gather(ffi.from_buffer("uint8_t[]", out), ffi.from_buffer("uint8_t[]", ram),
-                                             ram.size // PAGE_SIZE, ffi.from_buffer("int64_t[]", pages),
-                                             pages.size, PAGE_SIZE):
-        raise ValueError(f"a page outside the {ram.size // PAGE_SIZE}-page range")
-    return out
-
-
-def place_pages(ram: np.ndarray, pages: np.ndarray, data: Any) -> None:
-    """`data` (len(pages) whole pages, in order) into pages `pages` of `ram`:
-    `ram.reshape(-1, PAGE_SIZE)[pages] = data`, a memcpy per page in C (pagecopy.c says why)."""
-    from kvmpy.ioctl._kvm import ffi, lib
-    pages = np.ascontiguousarray(pages, dtype=np.int64)
-    source = memoryview(data).cast("B")
-    if source.nbytes != pages.size * PAGE_SIZE:
-        raise ValueError(f"{source.nbytes} bytes for {pages.size} pages")
-    if pages.size and lib.kvmpy_pages_place(ffi.from_buffer("uint8_t[]", ram, require_writable=True),
-                                            ram.size // PAGE_SIZE, ffi.from_buffer("uint8_t[]", source),
-                                            ffi.from_buffer("int64_t[]", pages), pages.size, PAGE_SIZE):
-        raise ValueError(f"a page outside the {ram.size // PAGE_SIZE}-page range")
+        pages[page_numbers(runs_table[zero, 0], runs_table[zero, 1])] = 0
 
 
 def page_numbers(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -64,7 +64,7 @@ import numpy as np
 
 from kvmpy.errors import MigrationError
 from kvmpy.migrate.codec import MAX_STATE_BYTES
-from kvmpy.migrate.pages import (PAGE_SIZE, RangeChecksum, byte_view, gather_pages, nonzero_pages, nonzero_rows, page_numbers,
+from kvmpy.migrate.pages import (PAGE_SIZE, RangeChecksum, byte_view, nonzero_pages, nonzero_rows, page_numbers,
                                  runs)
 
 MAGIC = b"KVMPYMIG"
@@ -164,9 +164,10 @@ def gathered_chunks(view: np.ndarray, page_runs: Any,
     table = np.asarray(page_runs, dtype=np.int64).reshape(-1, 2)
     firsts, counts = table[:, 0], table[:, 1]
     pages = page_numbers(firsts, counts)
+    rows = view.reshape(-1, PAGE_SIZE)
     for start in range(0, pages.size, chunk_pages):
         chunk = pages[start:start + chunk_pages]
-        block = gather_pages(view, chunk)
+        block = rows[chunk]
         zero = ~nonzero_rows(block.view(np.uint64))
         cuts = np.flatnonzero((np.diff(chunk) != 1) | (np.diff(zero.view(np.int8)) != 0)) + 1
         starts = np.concatenate(([0], cuts))

@@ -136,34 +136,3 @@ def test_populated_extents_are_the_pages_anonymous_memory_has():
     assert pages.populated_extents(address + 1, size) is None            # not page-aligned
     assert pages.populated_extents(address, size, pagemap="/nonexistent") is None
     del ram                                     # the mapping closes with its last view
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 63), max_size=80), st.integers(0, 2**32 - 1))
-def test_c_gather_and_place_match_numpy(page_list, seed):
-    """pagecopy.c's gather/place against numpy's fancy indexing (repeats and any order included)."""
-    rng = np.random.default_rng(seed)
-    ram = rng.integers(0, 256, 64 * pages.PAGE_SIZE, dtype=np.uint8)
-    index = np.array(page_list, dtype=np.int64)
-    gathered = pages.gather_pages(ram, index)
-    assert gathered.shape == (index.size, pages.PAGE_SIZE)
-    assert (gathered == ram.reshape(-1, pages.PAGE_SIZE)[index]).all()
-    data = rng.integers(0, 256, (index.size, pages.PAGE_SIZE), dtype=np.uint8)
-    expected, placed = ram.copy(), ram.copy()
-    expected.reshape(-1, pages.PAGE_SIZE)[index] = data     # the last of repeated pages wins, in both
-    pages.place_pages(placed, index, data.tobytes())
-    assert (placed == expected).all()
-
-
-@pytest.mark.parametrize("bad", [64, -1, 2**40])
-def test_c_gather_and_place_refuse_a_page_outside_before_copying_any(bad):
-    ram = np.arange(64 * pages.PAGE_SIZE, dtype=np.uint64).astype(np.uint8)
-    before = ram.copy()
-    index = np.array([0, 5, bad], dtype=np.int64)
-    with pytest.raises(ValueError, match="outside"):
-        pages.gather_pages(ram, index)
-    with pytest.raises(ValueError, match="outside"):
-        pages.place_pages(ram, index, bytes(3 * pages.PAGE_SIZE))
-    assert (ram == before).all()
-    with pytest.raises(ValueError, match="bytes for"):
-        pages.place_pages(ram, index[:2], bytes(pages.PAGE_SIZE))
