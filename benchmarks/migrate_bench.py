@@ -60,7 +60,7 @@ def guest_script(workload: str) -> str:
 def vmm_argv(vmm: str, kernel: Path, initrd: Path, append: str, memory: int) -> list[str]:
     if vmm == "qemu":
         return tier2.qemu_guest_argv(kernel, initrd, append, memory_mib=memory, cpus=2)
-    # INFO: the source's "migrated: ... downtime (pause, last pages, state, destination's load)"
+    # INFO: the source's "migrated: ... downtime (pause, state, last pages, destination's load)"
     # breakdown and the destination's own timings, printed below the round
     return tier2.kvmpy_guest_argv(kernel, initrd, append, memory=f"{memory}M") + ["--smp", "2",
                                                                                   "--log-level", "info"]
@@ -174,7 +174,7 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
 
 # kvmpy's breakdown: pause, last pages and state are the source's part (to the stream's last
 # byte), what QEMU's downtime counts; the destination's load follows
-KVMPY_DOWNTIME = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), last \d+ pages ([\d.]+), state ([\d.]+),")
+KVMPY_DOWNTIME = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), state ([\d.]+), last \d+ pages ([\d.]+),")
 
 
 def event_time(event: dict) -> float:

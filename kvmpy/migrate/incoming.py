@@ -10,6 +10,7 @@ import errno
 import logging
 import socket
 import time
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from kvmpy.errors import KvmpyError, MigrationError, StateError
@@ -72,6 +73,31 @@ def incoming_live(machine: "Machine", uri: str, accept_timeout_s: float = ACCEPT
              "until loaded); the guest started %.0f ms after it was loaded (the source's go-ahead %.0f, "
              "resume %.0f)", (running_at - started) * 1000, cpu_s * 1000,
              (running_at - loaded_at) * 1000, (go_at - loaded_at) * 1000, (running_at - go_at) * 1000)
+
+
+class _StateLoad:
+    """The machine state, decoded and restored as soon as STATE arrives: the source sends it
+    before the switchover's last pages, which then travel meanwhile (the restore reads no guest
+    RAM). A failure is kept for after the stream's end, where the source reads FAILED <why>."""
+
+    def __init__(self, machine: "Machine"):
+        self.machine = machine
+        self.error: KvmpyError | None = None
+        self.decode_ms = self.restore_ms = 0.0
+
+    def load(self, payload: bytes, downtime: ExitStack) -> None:
+        downtime.enter_context(collector_paused())      # no garbage collection until LOADED
+        started = time.monotonic()
+        try:
+            state = decode_state(payload)
+            if not isinstance(state, MachineState) or not isinstance(state.vcpus, list) or \
+                    not all(isinstance(v, VcpuState) for v in state.vcpus):
+                raise MigrationError("reading the migration stream", detail="the machine state is malformed")
+            decoded = time.monotonic()
+            self.machine.board.restore(state.vm, state.vcpus, state.devices)
+            self.decode_ms, self.restore_ms = (decoded - started) * 1000, (time.monotonic() - decoded) * 1000
+        except KvmpyError as exc:
+            self.error = exc
 
 
 def _prepare(machine: "Machine") -> None:
@@ -138,24 +164,22 @@ def _receive(machine: "Machine", sock: socket.socket) -> tuple[float, float]:
     from kvmpy.migrate.block import BlockReceiver
     blocks = BlockReceiver(_drives(machine), lambda word, text: _reply(sock, word, text), ACCEPT, REFUSE)
     targets = [(r.gpa, machine.memory.buffer(r.gpa, r.size)) for r in machine.memory.ranges]
-    state_payload = receive_memory_and_state(reader, targets, blocks.handle, lambda: _reply(sock, SYNCED))
-    state_at = time.monotonic()
-    with collector_paused():        # the downtime: no garbage collection in it
+    loading = _StateLoad(machine)
+    with ExitStack() as downtime:   # from STATE (the paused source's first section) to LOADED
+        receive_memory_and_state(reader, targets, blocks.handle, lambda: _reply(sock, SYNCED),
+                                 on_state=lambda payload: loading.load(payload, downtime))
+        end_at = time.monotonic()
         try:
             blocks.finish()
-            state = decode_state(state_payload)
-            if not isinstance(state, MachineState) or not isinstance(state.vcpus, list) or \
-                    not all(isinstance(v, VcpuState) for v in state.vcpus):
-                raise MigrationError("reading the migration stream", detail="the machine state is malformed")
-            decoded_at = time.monotonic()
-            machine.board.restore(state.vm, state.vcpus, state.devices)
+            if loading.error is not None:
+                raise loading.error
         except KvmpyError as exc:
             _reply(sock, FAILED, str(exc))
             raise MigrationError("loading the migrated guest", detail=str(exc)) from None
         _reply(sock, LOADED)
     loaded_at = time.monotonic()
-    log.info("incoming: the state loaded in %.0f ms (decode %.0f, restore %.0f) after the stream's end",
-             (loaded_at - state_at) * 1000, (decoded_at - state_at) * 1000, (loaded_at - decoded_at) * 1000)
+    log.info("incoming: the state decoded in %.0f ms and restored in %.0f ms as it arrived; loaded %.0f ms "
+             "after the stream's end", loading.decode_ms, loading.restore_ms, (loaded_at - end_at) * 1000)
     try:
         line = stream.readline(64)
     except OSError as exc:

@@ -444,18 +444,43 @@ def test_mutated_live_streams_are_one_migration_error(live_stream, data):
         pass                      # refused in one line; anything else (a crash) fails the test
 
 
-def test_pages_after_the_state_or_a_missing_state_are_refused(live_stream):
+def test_the_last_pages_may_follow_the_state_but_not_a_second_state_or_a_sync(live_stream):
+    """The switchover sends STATE before its last pages (they travel while the destination
+    loads it): they still land, on_state hears the state before them; a second STATE or a SYNC
+    after it is refused, and so is a stream without one."""
     import io
+    from kvmpy.migrate.reader import StreamReader
     from kvmpy.migrate.stream import StreamWriter
-    out = io.BytesIO()
-    w = StreamWriter(out, sparse=False)
-    w.write_header()
-    w.write_section(SectionKind.CONFIG, encode_state({"memory": RAM}))
-    w.write_section(SectionKind.STATE, encode_state({}))
-    w.write_pages(0, bytearray(RAM), [(0, 1)])
-    w.finish()
-    with pytest.raises(MigrationError, match="unexpected MEMORY_RUNS"):
-        _read_after_config(out.getvalue())
+
+    def stream(*after_state) -> bytes:
+        out = io.BytesIO()
+        w = StreamWriter(out, sparse=False)
+        w.write_header()
+        w.write_section(SectionKind.CONFIG, encode_state({"memory": RAM}))
+        w.write_section(SectionKind.STATE, encode_state({"cpu": 1}))
+        for write in after_state:
+            write(w)
+        w.finish()
+        return out.getvalue()
+
+    ram = bytearray(RAM)
+    ram[5 * 4096 + 9] = 0x5A
+    data = stream(lambda w: w.write_pages(0, ram, [(5, 1)]))
+    reader = StreamReader(io.BufferedReader(io.BytesIO(data)))
+    reader.next_section()
+    heard = []
+    with GuestMemory.create(RAM) as m:
+        buffer = m.buffer(0, RAM)
+        payload = receive_memory_and_state(reader, [(0, buffer)],
+                                           on_state=lambda p: heard.append((decode_state(p), bytes(buffer[5 * 4096 + 9:5 * 4096 + 10]))))
+        assert bytes(buffer[5 * 4096 + 9:5 * 4096 + 10]) == b"\x5a"
+    assert decode_state(payload) == {"cpu": 1} and heard == [({"cpu": 1}, b"\0")]    # heard before the page
+    with pytest.raises(MigrationError, match="unexpected STATE"):
+        _read_after_config(stream(lambda w: w.write_section(SectionKind.STATE, encode_state({}))))
+    reader = StreamReader(io.BufferedReader(io.BytesIO(stream(lambda w: w.write_sync(1)))))
+    reader.next_section()
+    with pytest.raises(MigrationError, match="unexpected SYNC"):        # even where SYNC is taken
+        receive_memory_and_state(reader, [], on_sync=lambda: None)
     out = io.BytesIO()
     w = StreamWriter(out, sparse=False)
     w.write_header()
