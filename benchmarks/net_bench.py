@@ -26,6 +26,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,122 @@ def parse_results(output: str) -> Sample | None:
         return None
     steal, idle = cpu_shares(output)
     return Sample(rates["TX"], rates["RX"], float(ping.group(2)), steal, idle)
+
+
+class ThreadCpu:
+    """Where the VMM's CPU goes while packets flow: once a second, the TAP's byte counters and
+    the utime+stime of each of the VMM's threads (and of its vhost worker, a kernel thread named
+    vhost-<pid>); a second in which the TAP moved more than 1 MB counts. Why: the guest is
+    CPU-bound in both VMMs and its steal differs (kvmpy-vhost ~3 points more), so the question
+    is which threads of which VMM take L1's CPU during the iperf3 runs. Once a second and by
+    pid, so that the sampler itself (Python in L1) takes next to nothing."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, tap: str):
+        self.tap = tap
+        self.busy: dict[str, float] = {}    # thread name -> CPU seconds while packets flowed
+        self.traffic_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="net-bench-sampler", daemon=True)
+
+    def __enter__(self) -> "ThreadCpu":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def report(self, top: int = 6) -> str:
+        if self.traffic_s <= 0:
+            return "no traffic seen"
+        shares = sorted(self.busy.items(), key=lambda kv: -kv[1])
+        total = sum(self.busy.values())
+        return (f"threads' CPU while packets flowed ({self.traffic_s:.0f} s): all {100 * total / self.traffic_s:.0f}%, "
+                + ", ".join(f"{name} {100 * cpu / self.traffic_s:.0f}%" for name, cpu in shares[:top]))
+
+    def _tap_bytes(self) -> int:
+        base = f"/sys/class/net/{self.tap}/statistics/"
+        try:
+            return sum(int(Path(base + f).read_text()) for f in ("rx_bytes", "tx_bytes"))
+        except (OSError, ValueError):
+            return 0
+
+    @staticmethod
+    def _stat(path: str) -> tuple[str, int] | None:
+        """(comm, utime + stime ticks) of one /proc/.../stat, None if gone."""
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            return None
+        head, _, rest = text.rpartition(")")
+        fields = rest.split()
+        return head.partition("(")[2], int(fields[11]) + int(fields[12])
+
+    def _vmm_pid(self) -> int | None:
+        """Our child (the VMM run_guest started), if it runs."""
+        me = str(os.getpid())
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+                except OSError:
+                    continue
+                if fields and fields[1] == me:
+                    return int(entry)
+        return None
+
+    def _vhost_workers(self, pid: int) -> list[str]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if Path(f"/proc/{entry}/comm").read_text().strip() == f"vhost-{pid}":
+                        found.append(f"/proc/{entry}/stat")
+                except OSError:
+                    continue
+        return found
+
+    def _sample(self, pid: int, workers: list[str]) -> dict[str, int]:
+        ticks: dict[str, int] = {}
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return ticks
+        for path in [f"/proc/{pid}/task/{tid}/stat" for tid in tids] + workers:
+            got = self._stat(path)
+            if got is not None:
+                name = f"{got[0]}[{path.split('/')[-2]}]"
+                ticks[name] = got[1]
+        return ticks
+
+    def _run(self) -> None:
+        pid = None
+        while pid is None and not self._stop.wait(1.0):
+            pid = self._vmm_pid()
+        if pid is None:
+            return
+        workers: list[str] = []
+        last_bytes, last = self._tap_bytes(), self._sample(pid, workers)
+        last_at = time.monotonic()
+        while not self._stop.wait(1.0):
+            moved, now = self._tap_bytes(), self._sample(pid, workers)
+            at = time.monotonic()
+            if not now:     # it ended (or run_guest started it again after an L1 livelock)
+                found = self._vmm_pid()
+                if found is not None and found != pid:
+                    pid, workers = found, []
+                    last_bytes, last, last_at = moved, self._sample(pid, workers), at
+                continue
+            if moved - last_bytes > 1_000_000:
+                if not workers:     # vhost's worker exists once the device is up
+                    workers = self._vhost_workers(pid)
+                self.traffic_s += at - last_at
+                for name, ticks in now.items():
+                    if name in last:
+                        self.busy[name] = self.busy.get(name, 0.0) + (ticks - last[name]) / self.TICK
+            last_bytes, last, last_at = moved, now, at
 
 
 def argv_for(vmm: str, kernel: Path, initrd: Path, append: str, kvmpy_args: Sequence[str] = ()) -> list[str]:
@@ -213,9 +330,10 @@ def main() -> int:
                 server = start_iperf_server()
                 os.environ["KVMPY_VIRTIO_C"] = "0" if vmm.endswith("-py") else "1"
                 try:
-                    run = tier2.run_guest(argv_for(vmm, kernel.bzimage, initrd, append, shlex.split(args.kvmpy_args)),
-                                          timeout_s=timeout_s,
-                                          log_path=log_dir / f"netbench-{vmm}-r{rnd + 1}.log")
+                    with ThreadCpu(TAP) as threads:
+                        run = tier2.run_guest(argv_for(vmm, kernel.bzimage, initrd, append, shlex.split(args.kvmpy_args)),
+                                              timeout_s=timeout_s,
+                                              log_path=log_dir / f"netbench-{vmm}-r{rnd + 1}.log")
                 finally:
                     os.environ.pop("KVMPY_VIRTIO_C", None)
                     stop(server)
@@ -229,6 +347,7 @@ def main() -> int:
                           f"  guest CPU: steal {sample.steal_pct:4.1f}% idle {sample.idle_pct:4.1f}%")
                 print(f"round {rnd + 1} {vmm:13s} g->h {sample.tx_mbps:8.1f} Mbit/s  h->g {sample.rx_mbps:8.1f} "
                       f"Mbit/s  ping {sample.rtt_ms:7.3f} ms  ({run.elapsed_s:.1f}s){shares}", flush=True)
+                print(f"round {rnd + 1} {vmm:13s} {threads.report()}", flush=True)
                 results[vmm].append(sample)
     finally:
         _ip("link", "del", TAP, check=False)
