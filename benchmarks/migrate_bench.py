@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ PORT = 4444
 APPEND = "console=ttyS0 panic=-1 quiet"
 PARAMS = {"downtime-limit": 300, "max-bandwidth": 1 << 30}     # the same for both VMMs
 CONVERGE_S = 120.0              # a migration not switched over by then is cancelled and reported
+ROUND_LIMIT_S = 600             # a round still going then fails (SIGALRM), with both consoles
 
 
 def guest_script(workload: str) -> str:
@@ -107,6 +109,8 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
     src = Lines(in_ns(SRC_NS, base + qmp_flag))
     dst = dst_qmp = None
     info: dict = {}
+    signal.signal(signal.SIGALRM, round_overdue)
+    signal.alarm(ROUND_LIMIT_S)     # a QEMU 4 MiB round once hung until L1's 1500 s limit took the whole run
     try:
         src.wait_for(re.compile(rb"KVMPY-TICK 4\r?\n"), 300)
         if workload != "idle":      # the dirtier runs before the migration starts...
@@ -150,6 +154,7 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
         return {"total_ms": None, "downtime_ms": None, "passes": ram.get("dirty-sync-count"),
                 "sent": ram.get("transferred"), "note": f"FAILED: {str(exc)[:100]}"}
     finally:
+        signal.alarm(0)
         if dst_qmp is not None:
             dst_qmp.close()
         for lines in (src, dst):
@@ -176,6 +181,10 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
 # kvmpy's breakdown: pause, last pages and state are the source's part (to the stream's last
 # byte), what QEMU's downtime counts; the destination's load follows
 KVMPY_DOWNTIME = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), state ([\d.]+), last \d+ pages ([\d.]+),")
+
+
+def round_overdue(signum: int, frame: object) -> None:
+    raise TimeoutError(f"the round took more than {ROUND_LIMIT_S} s")
 
 
 def event_time(event: dict) -> float:
