@@ -151,16 +151,18 @@ class ThreadCpu:
         return head.partition("(")[2], int(fields[11]) + int(fields[12])
 
     def _vmm_pid(self) -> int | None:
-        """Our child (the VMM run_guest started), if it runs."""
+        """Our child that is a VMM (run_guest's; iperf3 -s is our child too), if it runs."""
         me = str(os.getpid())
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
                     fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+                    if fields and fields[1] == me:
+                        argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+                        if b"kvmpy" in argv or b"qemu-system" in argv:
+                            return int(entry)
                 except OSError:
                     continue
-                if fields and fields[1] == me:
-                    return int(entry)
         return None
 
     def _vhost_workers(self, pid: int) -> list[str]:
