@@ -21,6 +21,7 @@ which the source sends once it has stopped for good. Replies are one ASCII line 
 
 STATE goes before the last pages: the destination decodes and restores it while they travel,
 where after them it was ~50 ms of the downtime in L1 (a destination also takes the older order).
+
 Why SYNC: when a pass ends the socket buffers hold megabytes the destination has not applied;
 unwaited, the switchover paid for them (most of an idle guest's 800 ms downtime in L1) and the
 bandwidth deciding the switch counted bytes into a buffer, not into the destination's RAM.

@@ -154,7 +154,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def gathered_chunks(view: np.ndarray, page_runs: Any,
                     chunk_pages: int = CHUNK_PAGES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """write_pages' chunks for many scattered runs, [(first page, count)] or an (n, 2) array of
-    them: for each CHUNK_PAGES of the runs' pages, the run table (rows of first page, count |
+    them: for each `chunk_pages` of the runs' pages, the run table (rows of first page, count |
     ZERO_RUN: cut where pages stop being consecutive or change between zero and data) and the
     data pages, gathered into a new buffer by one numpy call that also serves the zero test.
     Why: per page, a pass of a few hundred scattered pages was thousands of numpy calls (hundreds
