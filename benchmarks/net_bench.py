@@ -195,7 +195,10 @@ class ThreadCpu:
             pid = self._vmm_pid()
         if pid is None:
             return
+        # the vhost worker is looked for once: a userspace NIC has none, and a walk of /proc
+        # every second while packets flow would take the CPU this measures
         workers: list[str] = []
+        looked = False
         last_bytes, last = self._tap_bytes(), self._sample(pid, workers)
         last_at = time.monotonic()
         while not self._stop.wait(1.0):
@@ -204,12 +207,12 @@ class ThreadCpu:
             if not now:     # it ended (or run_guest started it again after an L1 livelock)
                 found = self._vmm_pid()
                 if found is not None and found != pid:
-                    pid, workers = found, []
+                    pid, workers, looked = found, [], False
                     last_bytes, last, last_at = moved, self._sample(pid, workers), at
                 continue
             if moved - last_bytes > 1_000_000:
-                if not workers:     # vhost's worker exists once the device is up
-                    workers = self._vhost_workers(pid)
+                if not looked:      # vhost's worker exists once the device is up
+                    workers, looked = self._vhost_workers(pid), True
                 self.traffic_s += at - last_at
                 for name, ticks in now.items():
                     if name in last:
