@@ -43,6 +43,7 @@ from kvmpy.migrate.converge import (BANDWIDTH_WINDOW_BYTES, SWITCH_PAGES, THROTT
                                     expected_downtime_ms, next_throttle, runqueue_wait_s, worth_another_pass)
 from kvmpy.migrate.codec import prepare_classes
 from kvmpy.migrate.downtime import collector_paused
+from kvmpy.migrate.info import migration_info
 from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages, run_table
 from kvmpy.migrate.receive import receive_memory_and_state  # noqa: F401  (re-exported: the other side)
 from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
@@ -110,27 +111,8 @@ class Precopy:
 
     # -- queries --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """query-migrate's shape (qapi/migration.json MigrationInfo)."""
-        total = sum(r.size for r in self.source.memory.ranges)
-        elapsed = int((time.monotonic() - self.started) * 1000) if self.total_ms is None else self.total_ms
-        info: dict[str, Any] = {
-            "status": self.status, "setup-time": self.setup_ms, "total-time": elapsed,
-            "ram": {"transferred": self.channel.bytes_sent, "total": total,
-                    "remaining": self.remaining_pages * PAGE_SIZE, "duplicate": self.zero_pages,
-                    "normal": self.normal_pages, "normal-bytes": self.normal_pages * PAGE_SIZE,
-                    "dirty-pages-rate": int(self.dirty_rate), "mbps": self.bandwidth * 8 / 1e6,
-                    "dirty-sync-count": self.passes, "page-size": PAGE_SIZE}}
-        if self.status in ("active", "device", "completed"):
-            info["expected-downtime"] = int(self.expected_ms)
-        if self.downtime_ms is not None:
-            info["downtime"] = self.downtime_ms
-        if self.throttle:
-            info["cpu-throttle-percentage"] = self.throttle
-        if self.block is not None:
-            info["disk"] = self.block.stats()
-        if self.error:
-            info["error-desc"] = self.error
-        return info
+        """query-migrate's shape (kvmpy.migrate.info)."""
+        return migration_info(self)
 
     def cancel(self) -> None:
         """migrate_cancel: the source resumes unless the destination already confirmed."""
