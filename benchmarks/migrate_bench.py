@@ -138,6 +138,7 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
                 drain(dst)
             if info["status"] != "completed":
                 raise RuntimeError(f"{vmm}'s migration ended {info['status']}: {info.get('error-desc', info)}")
+            dst_cpu = process_cpu(dst.proc.pid)
             stopped = event_time(qmp.wait_event("STOP", 10))
         paused_ms = round((event_time(dst_qmp.wait_event("RESUME", 60)) - stopped) * 1000)
         # whole ticks only (benchmarks/migrate_ticks.py): the console arrives cut anywhere
@@ -175,7 +176,20 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
     if vmm == "kvmpy" and (m := KVMPY_DOWNTIME.search(src.buf)):
         source_ms = round(sum(float(x) for x in m.groups()))
     return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"), "paused_ms": paused_ms,
-            "source_ms": source_ms, "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count")}
+            "source_ms": source_ms, "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count"),
+            "dst_cpu": dst_cpu}
+
+
+def process_cpu(pid: int) -> str | None:
+    """A process's CPU so far, "user+sys s" (/proc/PID/stat), or None once it is gone. The
+    destination's, read when the source says completed: its start-up and everything it received,
+    where a slow total goes when the destination is the bottleneck (sys: page faults, recv)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return f"{int(fields[11]) / tick:.1f}+{int(fields[12]) / tick:.1f} s"
 
 
 # kvmpy's breakdown: pause, last pages and state are the source's part (to the stream's last
@@ -232,12 +246,12 @@ def main() -> int:
         HOSTS.remove()
     print(f"\nlive migration over tcp between two namespaces (veth), {args.memory} MiB, 2 vCPUs, "
           f"downtime-limit {PARAMS['downtime-limit']} ms, max-bandwidth 1 GiB/s")
-    print(f"{'workload':>9} {'vmm':6} {'total':>9} {'downtime':>9} {'source':>9} {'paused':>9} {'sent':>9} {'passes':>6}")
+    print(f"{'workload':>9} {'vmm':6} {'total':>9} {'downtime':>9} {'source':>9} {'paused':>9} {'sent':>9} {'passes':>6} {'dst CPU u+s':>12}")
     for workload, vmm, r in rows:
         sent = None if r["sent"] is None else f"{r['sent'] / 2**20:.1f}"
         print(f"{workload + ('' if workload == 'idle' else ' MiB'):>9} {vmm:6} "
               f"{fmt(r['total_ms'], ' ms'):>9} {fmt(r['downtime_ms'], ' ms'):>9} "
-              f"{fmt(r.get('source_ms'), ' ms'):>9} {fmt(r.get('paused_ms'), ' ms'):>9} {fmt(sent, ' MiB'):>9} {fmt(r['passes']):>6} {r.get('note', '')}")
+              f"{fmt(r.get('source_ms'), ' ms'):>9} {fmt(r.get('paused_ms'), ' ms'):>9} {fmt(sent, ' MiB'):>9} {fmt(r['passes']):>6} {fmt(r.get('dst_cpu')):>12} {r.get('note', '')}")
     print("\ngoals: downtime <= QEMU's; total time <= 1.2x QEMU's. \"downtime\": each VMM's own "
           "figure (QEMU's ends when its source has sent everything, kvmpy's when its destination "
           "has loaded the guest); \"source\": pause to the stream's last byte (QEMU's own figure); "
