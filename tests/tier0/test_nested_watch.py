@@ -395,3 +395,33 @@ def test_a_cpu_that_stays_unwoken_for_30s_is_a_wedge_a_passing_one_is_not(tmp_pa
 def test_the_watch_without_a_monitor_socket_never_probes(tmp_path):
     w = watch.L1Watch(tmp_path, heartbeat_stale_s=1e9)
     assert w.check() is None and w.probe() == []
+
+
+# bench-migrate's hung QEMU round (1500 s): L1's CPU0 in its L2 guest's dirtier loop at CPL 3
+IN_GUEST = ("CPU0 RFL=00000206 [-----P-] CPL=3 II=0 A20=1 SMM=0 HLT=0; LVTTHMR 0x00010000 active-hi edge "
+            "masked Fixed (vec 0); LVTT 0x000000ec active-hi edge one-shot Fixed (vec 236); Timer DCR=0x3 "
+            "(divide by 16) initial_count = 143648 current_count = 0; SPIV 0x000001ff APIC enabled, focus=off, "
+            "spurious vec 255; ISR (none); IRR 236 251 253; APR 0x00 TPR 0x10 DFR 0x0f LDR 0x01 PPR 0x10")
+
+
+def test_a_running_cpu_counts_only_with_its_timer_expired_and_pending():
+    assert watch.lost_wakeups([IN_GUEST]) == {0: "236 251 253"} and watch.running_cpus([IN_GUEST]) == {0}
+    assert watch.running_cpus([STUCK]) == set()                         # halted: the old case
+    armed = IN_GUEST.replace("current_count = 0", "current_count = 5120")
+    assert watch.lost_wakeups([armed]) == {}                            # busy, its tick still coming
+    assert watch.lost_wakeups([IN_GUEST.replace("IRR 236 251 253", "IRR 251 253")]) == {}   # timer taken
+    assert watch.lost_wakeups([IN_GUEST.replace("RFL=00000206", "RFL=00000006")]) == {}     # IF=0
+    assert watch.lost_wakeups([AWAKE]) == {}        # a vector pending at one probe, no timer line
+
+
+def test_a_cpu_stuck_in_a_nested_guest_for_30s_is_a_wedge_named_as_such(tmp_path):
+    now = [0.0]
+    samples = iter([[IN_GUEST]] * 6)
+    w = watch.L1Watch(tmp_path, heartbeat_stale_s=1e9, clock=lambda: now[0], probe=lambda: next(samples))
+    reasons = []
+    for t in range(0, 40):
+        now[0] = float(t)
+        reasons.append(w.check())
+    first = next(i for i, r in enumerate(reasons) if r)
+    assert first == 30, reasons
+    assert "CPU0 has run for 30s" in reasons[first] and "timer expired" in reasons[first]
