@@ -5,8 +5,9 @@ in) sits on one TAP in L1 that holds a link-local host address; L1 runs `iperf3 
 guest pings the host (RTT), then runs iperf3 as the client twice: guest->host (it sends) and
 host->guest (-R: the host sends). Every VMM gets the same kernel, initrd, command line, TAP, MAC,
 one vCPU and 512 MiB; QEMU gets `-netdev tap,vhost=on|off` + `virtio-net-pci`, kvmpy
-`--nic tap,ifname=...,vhost=on|off` on the same existing TAP. Rounds are interleaved (the order flipping each round) so load
-changes hit all alike; the table shows medians and kvmpy as a multiple of QEMU in the same mode.
+`--nic tap,ifname=...,vhost=on|off` on the same existing TAP. Rounds are interleaved, the order
+flipping each round, so load changes and position hit all alike; the table shows medians and
+kvmpy as a multiple of QEMU in the same mode.
 Goals (issue 12): with vhost >= 0.95x QEMU with vhost; in userspace >= 0.5x QEMU's userspace
 (for ping the multiple is QEMU's RTT over kvmpy's, so higher is better there too).
 

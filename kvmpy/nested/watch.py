@@ -39,7 +39,7 @@ HEARTBEAT_STALE_S = 90.0        # L1's init beats every 5 s; a loaded TCG L1 nev
 # A CPU of L1 halted with IF=1 and a vector pending above its PPR is one QEMU's TCG will never
 # wake (seen on 7.2 and 10.0, the timer's vector 236 pending among them; the monitor's `nmi` did
 # not wake it either): L1 then runs on its other CPU and its guests fail in every way, while the
-# heartbeat goes on. The same lost interrupt wedges a CPU running a nested guest (lost_wakeups()).
+# heartbeat goes on. The same lost interrupt wedges a CPU running a nested guest (undelivered_interrupts()).
 # Looked for every LOST_WAKEUP_PROBE_S; a wedge once it lasts LOST_WAKEUP_S.
 LOST_WAKEUP_PROBE_S = 10.0
 LOST_WAKEUP_S = 30.0
@@ -132,17 +132,18 @@ class L1Watch:
             lines = self.probe()
         except OSError:
             lines = []
-        stuck, running = lost_wakeups(lines), running_cpus(lines)
+        stuck = undelivered_interrupts(lines)
         self._stuck_since = {cpu: self._stuck_since.get(cpu, now) for cpu in stuck}
         for cpu, since in sorted(self._stuck_since.items()):
             if now - since < LOST_WAKEUP_S:
                 continue
-            if cpu in running:
+            vectors, halted = stuck[cpu]
+            if not halted:
                 return (f"L1's CPU{cpu} has run for {now - since:.0f}s with interrupts enabled, its timer "
-                        f"expired and vectors {stuck[cpu]} pending (an interrupt QEMU's TCG never "
+                        f"expired and vectors {vectors} pending (an interrupt QEMU's TCG never "
                         "delivered, as in a nested guest's loop)" + self._running())
             return (f"L1's CPU{cpu} has sat halted for {now - since:.0f}s with interrupts enabled and "
-                    f"vectors {stuck[cpu]} pending (a wakeup QEMU's TCG lost; L1 runs on without it)"
+                    f"vectors {vectors} pending (a wakeup QEMU's TCG lost; L1 runs on without it)"
                     + self._running())
         return None
 
@@ -297,26 +298,24 @@ _PPR_RE = re.compile(r"PPR 0x([0-9a-f]+)")
 
 
 def lost_wakeups(state_lines: list[str]) -> dict[int, str]:
-    """interrupt_state() lines -> {cpu: its pending vectors} for each CPU with IF=1 and a vector
-    pending in a priority class above its PPR's that QEMU must deliver: one halted, or one running
-    whose own timer expired with its vector among them (`running_cpus` says which those are).
+    """interrupt_state() lines -> {cpu: its pending vectors} for each CPU QEMU must deliver an
+    interrupt to (undelivered_interrupts())."""
+    return {cpu: vectors for cpu, (vectors, _) in undelivered_interrupts(state_lines).items()}
+
+
+_LVTT_RE = re.compile(r"LVTT 0x([0-9a-f]+)")
+_TIMER_EXPIRED_RE = re.compile(r"current_count = 0\b")
+
+
+def undelivered_interrupts(state_lines: list[str]) -> dict[int, tuple[str, bool]]:
+    """interrupt_state() lines -> {cpu: (its pending vectors, halted)} for each CPU with IF=1 and
+    a vector pending in a priority class above its PPR's: one halted, or one running whose own
+    timer expired with its vector among them.
 
     The running case is a nested guest's: bench-migrate's QEMU round sat 1500 s with L1's CPU0 in
     its L2 guest's loop at CPL 3 (IF=1, L1's timer at 0 with 236, 251 and 253 pending); the L1
     timer interrupt never made TCG leave guest mode. A busy CPU may show a vector pending at one
     probe; its expired, never re-armed timer at every probe for LOST_WAKEUP_S it does not."""
-    return {cpu: vectors for cpu, (vectors, _) in _undelivered(state_lines).items()}
-
-
-def running_cpus(state_lines: list[str]) -> set[int]:
-    """The CPUs lost_wakeups() names that were running (not halted)."""
-    return {cpu for cpu, (_, halted) in _undelivered(state_lines).items() if not halted}
-
-
-_LVTT_RE = re.compile(r"LVTT 0x([0-9a-f]+)")
-
-
-def _undelivered(state_lines: list[str]) -> dict[int, tuple[str, bool]]:
     stuck = {}
     for line in state_lines:
         m = re.match(r"CPU(\d+) RFL=([0-9a-f]+) .*HLT=(\d);", line)
@@ -329,7 +328,7 @@ def _undelivered(state_lines: list[str]) -> dict[int, tuple[str, bool]]:
         halted = m.group(3) == "1"
         if not halted:
             lvtt = _LVTT_RE.search(line)
-            if lvtt is None or "current_count = 0" not in line or int(lvtt.group(1), 16) & 0xFF not in vectors:
+            if lvtt is None or not _TIMER_EXPIRED_RE.search(line) or int(lvtt.group(1), 16) & 0xFF not in vectors:
                 continue
         stuck[int(m.group(1))] = (irr.group(1).strip(), halted)
     return stuck

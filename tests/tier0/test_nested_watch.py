@@ -405,8 +405,9 @@ IN_GUEST = ("CPU0 RFL=00000206 [-----P-] CPL=3 II=0 A20=1 SMM=0 HLT=0; LVTTHMR 0
 
 
 def test_a_running_cpu_counts_only_with_its_timer_expired_and_pending():
-    assert watch.lost_wakeups([IN_GUEST]) == {0: "236 251 253"} and watch.running_cpus([IN_GUEST]) == {0}
-    assert watch.running_cpus([STUCK]) == set()                         # halted: the old case
+    assert watch.lost_wakeups([IN_GUEST]) == {0: "236 251 253"}
+    assert watch.undelivered_interrupts([IN_GUEST, STUCK.replace("CPU0", "CPU1")]) == {
+        0: ("236 251 253", False), 1: ("236 251 253", True)}            # running; halted: the old case
     armed = IN_GUEST.replace("current_count = 0", "current_count = 5120")
     assert watch.lost_wakeups([armed]) == {}                            # busy, its tick still coming
     assert watch.lost_wakeups([IN_GUEST.replace("IRR 236 251 253", "IRR 251 253")]) == {}   # timer taken
