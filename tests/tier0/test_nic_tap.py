@@ -52,6 +52,15 @@ NETNS_SCRIPT = textwrap.dedent(r'''
         return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
 
     out = {}
+    # an existing TAP, down, no bridge: attached and brought up without importing pyroute2, and
+    # left behind at close
+    import sys
+    subprocess.run(["ip", "tuntap", "add", "kvtap2", "mode", "tap", "vnet_hdr"], check=True)
+    e = Tap("kvtap2")
+    out["existing"] = (not e.created, "UP" in subprocess.run(["ip", "-o", "link", "show", "kvtap2"],
+                       capture_output=True, text=True).stdout.split(">")[0], "pyroute2" not in sys.modules)
+    e.close()
+    out["existing_left"] = "kvtap2" in links()
     t = Tap("")
     out["name"] = t.ifname
     out["up"] = "UP" in subprocess.run(["ip", "-o", "link", "show", t.ifname], capture_output=True, text=True).stdout
@@ -117,3 +126,4 @@ def test_tap_in_a_private_netns():
     e = out["errors"]
     assert "in use by another process" in e[0] and "no such interface" in e[1] and "not a bridge" in e[2]
     assert out["on_bridge"] and out["removed"] and out["tx_seen"] and out["rx"] and out["gone"]
+    assert out["existing"] == [True, True, True] and out["existing_left"]
