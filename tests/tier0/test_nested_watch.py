@@ -379,17 +379,24 @@ def test_lost_wakeups_are_halted_cpus_with_if_set_and_a_vector_above_ppr():
     assert watch.lost_wakeups([STUCK.replace("PPR 0x10", "PPR 0xf0")]) == {}
 
 
-def test_a_cpu_that_stays_unwoken_for_30s_is_a_wedge_a_passing_one_is_not(tmp_path):
+def first_wedge(tmp_path, probes: list[list[str]], seconds: int) -> tuple[int, str]:
+    """Poll an L1Watch once a (fake) second whose probes return `probes` in turn (one every
+    LOST_WAKEUP_PROBE_S): the second at which it first calls L1 wedged, and why."""
     now = [0.0]
-    samples = iter([[STUCK, AWAKE], [AWAKE], [STUCK], [STUCK], [STUCK], [STUCK]])
+    samples = iter(probes)
     w = watch.L1Watch(tmp_path, heartbeat_stale_s=1e9, clock=lambda: now[0], probe=lambda: next(samples))
     reasons = []
-    for t in range(0, 60):
+    for t in range(seconds):
         now[0] = float(t)
         reasons.append(w.check())
     first = next(i for i, r in enumerate(reasons) if r)
-    assert first == 50, reasons      # stuck from the sample at t=20 (the one at 0 was cleared at 10)
-    assert "CPU0 has sat halted for 30s" in reasons[first] and "236 251 253" in reasons[first]
+    return first, reasons[first]
+
+
+def test_a_cpu_that_stays_unwoken_for_30s_is_a_wedge_a_passing_one_is_not(tmp_path):
+    first, reason = first_wedge(tmp_path, [[STUCK, AWAKE], [AWAKE], [STUCK], [STUCK], [STUCK], [STUCK]], 60)
+    assert first == 50, reason       # stuck from the sample at t=20 (the one at 0 was cleared at 10)
+    assert "CPU0 has sat halted for 30s" in reason and "236 251 253" in reason
 
 
 def test_the_watch_without_a_monitor_socket_never_probes(tmp_path):
@@ -416,13 +423,6 @@ def test_a_running_cpu_counts_only_with_its_timer_expired_and_pending():
 
 
 def test_a_cpu_stuck_in_a_nested_guest_for_30s_is_a_wedge_named_as_such(tmp_path):
-    now = [0.0]
-    samples = iter([[IN_GUEST]] * 6)
-    w = watch.L1Watch(tmp_path, heartbeat_stale_s=1e9, clock=lambda: now[0], probe=lambda: next(samples))
-    reasons = []
-    for t in range(0, 40):
-        now[0] = float(t)
-        reasons.append(w.check())
-    first = next(i for i, r in enumerate(reasons) if r)
-    assert first == 30, reasons
-    assert "CPU0 has run for 30s" in reasons[first] and "timer expired" in reasons[first]
+    first, reason = first_wedge(tmp_path, [[IN_GUEST]] * 6, 40)
+    assert first == 30, reason
+    assert "CPU0 has run for 30s" in reason and "timer expired" in reason
