@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
             guard.machine = machine
             machine.jail_paths += [s.spec.path for s in servers if s.spec.kind == "unix"]
             if config.incoming is None:
-                machine.start()
+                machine.start(unless_started=True)     # a QMP `cont` may have been first
             elif config.incoming != "defer":
                 machine.incoming(config.incoming)
             sandbox.enter("main", machine.confinement.policy)   # set up: from here on, only waiting

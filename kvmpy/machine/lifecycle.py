@@ -113,11 +113,17 @@ class Machine(MachineApiMixin, MachineControlMixin):
                 log.exception("event listener failed on %s", event)
 
     # -- transitions -----------------------------------------------------------------------------
-    def start(self, paused: bool | None = None) -> None:
+    def start(self, paused: bool | None = None, unless_started: bool = False) -> None:
         """Build the machine and let it run (or, paused / -S, stay in prelaunch with every vCPU
-        parked until resume()). Returns at once; wait() waits for the end."""
+        parked until resume()). Returns at once; wait() waits for the end.
+
+        `unless_started`: nothing to do when the machine is built already. The CLI's own start
+        says so: its monitors listen first, and a QMP `cont` that arrives before it builds the
+        machine and runs it then (as QEMU's does, `cont` answers once the guest runs)."""
         paused = self.config.paused if paused is None else paused
         with self._lock:
+            if unless_started and self.board is not None:
+                return
             if self.board is not None and self._status is RunState.PRELAUNCH:
                 self.resume()    # built with -S: QMP cont
                 return

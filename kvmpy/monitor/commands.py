@@ -64,7 +64,7 @@ def _cont(machine: MachineControl, args: dict) -> dict:
     if status in NEEDS_RESET_STATES:
         raise QmpError("Resetting the Virtual Machine is required")
     if status == "prelaunch":
-        machine.start()
+        machine.start(paused=False)     # running when it answers, built here if not yet (-S or not)
     elif status != "running":
         machine.resume()
     return {}

@@ -51,8 +51,9 @@ class MachineControl(Protocol):
         """Capability name -> bool, updated in place (migrate-set-capabilities); its keys are
         the capabilities the machine supports."""
 
-    def start(self) -> None:
-        """Leave prelaunch (QMP `cont` after -S)."""
+    def start(self, paused: bool | None = None) -> None:
+        """Leave prelaunch (QMP `cont`, paused=False: running on return, built first if the
+        machine is not yet)."""
 
     def pause(self) -> None:
         """Return when every vCPU is parked; a no-op when already paused."""

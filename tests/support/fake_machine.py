@@ -62,7 +62,7 @@ class FakeMachine:
             fn(name, dict(data or {}))
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, paused: bool | None = None) -> None:
         self.calls.append("start")
         self.status = "running"
         self.emit("RESUME")

@@ -33,7 +33,7 @@ class FakeApiMachine:
         FakeApiMachine.made.append(self)
     def add_listener(self, fn): self._listeners.append(fn)
     def remove_listener(self, fn): self._listeners.remove(fn)
-    def start(self): self.events.append("start"); self.status = "running"
+    def start(self, paused=None): self.events.append("start"); self.status = "running"
     def pause(self): self.status = "paused"
     def resume(self): self.status = "running"
     def stop(self): self.events.append("stop"); self.status = "shutdown"; self._ended.set()

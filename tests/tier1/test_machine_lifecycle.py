@@ -290,3 +290,25 @@ def test_reset_keeps_the_nics_tap_and_closing_removes_it(counter_elf):
         m.console.expect(r"counter guest\n", timeout=20)
         assert m.boots == 2 and (sysfs / "ifindex").read_text() == ifindex, "the reset made a new TAP"
     assert not sysfs.exists()
+
+
+def test_qmp_cont_before_the_cli_starts_the_machine_runs_it_and_the_cli_start_is_a_no_op(counter_elf):
+    """`kvmpy boot -S --qmp ...` listens before it builds the machine: a `cont` in that window
+    built it paused (-S) and answered in prelaunch (a CI run's query-status right after saw
+    prelaunch). Now `cont` answers once the guest runs, and the CLI's own start then does nothing."""
+    from kvmpy.monitor.commands import build_commands
+    cont = build_commands()["cont"].run
+    with Machine(kernel=counter_elf, memory="64M", paused=True) as m:
+        assert m.status == "prelaunch" and m.board is None
+        cont(m, {})
+        assert m.status == "running"
+        board = m.board
+        m.start(unless_started=True)          # the CLI's start, second
+        assert m.status == "running" and m.board is board
+        frozen = m.memory.read_u32(COUNTER)
+        wait_for(lambda: m.memory.read_u32(COUNTER) > frozen + 1000)
+    with Machine(kernel=counter_elf, memory="64M", paused=True) as m:
+        m.start(unless_started=True)          # the CLI first: built, prelaunch (-S)
+        assert m.status == "prelaunch"
+        cont(m, {})
+        assert m.status == "running"
