@@ -60,17 +60,19 @@ def main(args: argparse.Namespace) -> int:
     guard = _ExitGuard(config.timeout)
     try:
         guard.arm()
-        with Machine(config) as machine, _monitors(machine, qmp) as servers:
+        with Machine(config) as machine:
+            # all set before any monitor listens: a QMP `cont` or `stop` there builds the machine
             # SIGUSR2 asks for a state report; the supervisor thread writes it (never in a handler)
             signal.signal(signal.SIGUSR2, lambda signum, frame: machine.request_report())
             guard.machine = machine
-            machine.jail_paths += [s.spec.path for s in servers if s.spec.kind == "unix"]
-            if config.incoming is None:
-                machine.start(unless_started=True)     # a QMP `cont` may have been first
-            elif config.incoming != "defer":
-                machine.incoming(config.incoming)
-            sandbox.enter("main", machine.confinement.policy)   # set up: from here on, only waiting
-            result = machine.run()
+            machine.jail_paths += _monitor_socket_paths(qmp)    # handed to --runas
+            with _monitors(machine, qmp):
+                if config.incoming is None:
+                    machine.start(unless_started=True)     # a QMP `cont` or `stop` may have been first
+                elif config.incoming != "defer":
+                    machine.incoming(config.incoming)
+                sandbox.enter("main", machine.confinement.policy)   # set up: from here on, only waiting
+                result = machine.run()
             if config.stats:
                 print(machine.stats_text, file=sys.stderr)
     finally:
@@ -152,6 +154,14 @@ def check_monitor_paths(config: MachineConfig, specs: list[str]) -> None:
                 raise ConfigError(f"checking --qmp {spec!r}", detail=f"it is {what}: a monitor socket "
                                   "must not replace one of the VM's inputs")
         named.append(("another --qmp", parsed.path))
+
+
+def _monitor_socket_paths(specs: list[str]) -> list[str]:
+    """The --qmp unix sockets' paths (the specs were checked by check_monitor_paths)."""
+    if not specs:
+        return []
+    from kvmpy.monitor.spec import parse_qmp_spec
+    return [parsed.path for parsed in map(parse_qmp_spec, specs) if parsed.kind == "unix"]
 
 
 def _monitors(machine: Machine, specs: list[str]):

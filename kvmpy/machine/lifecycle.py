@@ -141,8 +141,17 @@ class Machine(MachineApiMixin, MachineControlMixin):
                 self._starting = False
 
     def pause(self) -> None:
+        """QMP stop. Inmigrate: the restored guest stays paused (QEMU's autostart off). Not built
+        yet without -S (the CLI's monitors listen before its start): built parked and stopped, as
+        QEMU's `stop` (served only once its guest runs) always leaves it."""
         with self._lock:
-            if self._status is RunState.RUNNING:
+            if self._status is RunState.INMIGRATE:
+                self.config.paused = True
+            elif self._status is RunState.PRELAUNCH and self.board is None and not self.config.paused:
+                self.start(paused=True)
+                self._set_status(RunState.PAUSED)
+                self.emit("STOP")
+            elif self._status is RunState.RUNNING:
                 self.board.pause()
                 self._set_status(RunState.PAUSED)
                 self.emit("STOP")
@@ -170,7 +179,9 @@ class Machine(MachineApiMixin, MachineControlMixin):
     def powerdown(self) -> None:
         """Press the ACPI power button: the guest decides to shut itself down (or not)."""
         board = self.board
-        pm = board.acpi_pm if board is not None else None
+        if board is None:
+            raise StateError("pressing the power button", detail=f"the machine is {self.status}: not built yet")
+        pm = board.acpi_pm
         if pm is None or not hasattr(pm, "press_power_button"):
             raise StateError("pressing the power button", detail="the machine has no ACPI (--no-acpi)")
         pm.press_power_button()

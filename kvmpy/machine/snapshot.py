@@ -244,8 +244,8 @@ def restore_machine(machine: "Machine", uri: str) -> None:
         machine.board.start(paused=True)
         machine._set_status(RunState.PAUSED)
         machine.emit("MIGRATION", {"status": "completed"})
-    if not machine.config.paused:
-        machine.resume()
+        if not machine.config.paused:   # QEMU's autostart, under the lock a QMP `stop` takes
+            machine.resume()
     log.info("restored from %s in %.1f ms (stream start to the vCPUs %s)", uri,
              (time.monotonic() - started) * 1000, "parked" if machine.config.paused else "entering KVM_RUN")
 

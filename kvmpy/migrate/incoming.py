@@ -51,7 +51,11 @@ def incoming_live(machine: "Machine", uri: str, accept_timeout_s: float = ACCEPT
             loaded_at, go_at = _receive(machine, sock)
             cpu_s = time.process_time() - cpu_at
             machine._set_status(RunState.PAUSED)
-        machine.emit("MIGRATION", {"status": "completed"})
+            machine.emit("MIGRATION", {"status": "completed"})
+            # QEMU's autostart, decided under the lock a QMP `stop` takes: a stop sent during the
+            # load waited for it and would otherwise find the guest paused, do nothing, and be lost
+            if not machine.config.paused:
+                machine.resume()
     except BaseException:
         if sock is not None:
             machine.emit("MIGRATION", {"status": "failed"})
@@ -63,8 +67,6 @@ def incoming_live(machine: "Machine", uri: str, accept_timeout_s: float = ACCEPT
     finally:
         if sock is not None:
             sock.close()
-    if not machine.config.paused:
-        machine.resume()
     running_at = time.monotonic()
     # after the guest runs, as a normal start does: a thread's start cost 10-37 ms of the
     # downtime in L1, and an end or reset requested meanwhile waits in the machine's flags

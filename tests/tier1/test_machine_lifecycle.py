@@ -312,3 +312,39 @@ def test_qmp_cont_before_the_cli_starts_the_machine_runs_it_and_the_cli_start_is
         assert m.status == "prelaunch"
         cont(m, {})
         assert m.status == "running"
+
+
+def test_qmp_stop_before_the_cli_starts_leaves_the_guest_paused_and_stop_in_inmigrate_keeps_it_paused(
+        counter_elf, tmp_path):
+    """The same window as `cont`'s: a `stop` before the CLI built the machine (no -S) did nothing,
+    and the CLI's start then ran the guest. Now it is built parked and reported stopped (QEMU's
+    `stop` only ever finds the guest running). A `stop` while inmigrate was ignored too: the
+    restored guest ran; now it stays paused (QEMU's autostart off)."""
+    from kvmpy.monitor.commands import build_commands
+    commands = build_commands()
+    stop, cont = commands["stop"].run, commands["cont"].run
+    events: list[str] = []
+    with Machine(kernel=counter_elf, memory="64M") as m:
+        m.add_listener(lambda name, data: events.append(name))
+        assert m.status == "prelaunch" and m.board is None
+        stop(m, {})
+        assert m.status == "paused" and m.board is not None and events == ["STOP"]
+        board = m.board
+        m.start(unless_started=True)          # the CLI's start, second: nothing
+        assert m.status == "paused" and m.board is board
+        time.sleep(0.3)
+        assert m.memory.read_u32(COUNTER) == 0, "the guest ran while stopped"
+        cont(m, {})
+        assert m.status == "running" and events == ["STOP", "RESUME"]
+        wait_for(lambda: m.memory.read_u32(COUNTER) > 1000)
+        m.save(f"file:{tmp_path / 'vm.snap'}")
+    with Machine(memory="64M", incoming=f"file:{tmp_path / 'vm.snap'}") as m:
+        assert m.status == "inmigrate"
+        stop(m, {})
+        m.incoming(f"file:{tmp_path / 'vm.snap'}")
+        assert m.status == "paused"
+        frozen = m.memory.read_u32(COUNTER)
+        time.sleep(0.3)
+        assert m.memory.read_u32(COUNTER) == frozen > 1000, "the restored guest ran after a stop"
+        cont(m, {})
+        wait_for(lambda: m.memory.read_u32(COUNTER) > frozen + 1000)
