@@ -1,16 +1,17 @@
 """A TAP device for virtio-net: opened through /dev/net/tun with IFF_TAP | IFF_NO_PI |
 IFF_VNET_HDR (plus IFF_MULTI_QUEUE and one fd per queue pair when queues > 1), its header size
-set to the 12-byte virtio_net_hdr_v1 so frames pass between guest and TAP unchanged, brought up
-and put on a bridge with pyroute2.
+set to the 12-byte virtio_net_hdr_v1 so frames pass between guest and TAP unchanged, put on a
+bridge with pyroute2 and brought up.
 
 Creation is TUNSETIFF on a name that does not exist yet, without TUNSETPERSIST: the kernel then
 removes the interface when kvmpy's last fd closes, at exit or on a crash or SIGKILL alike, which
 creating it persistent through netlink could not promise. A TAP that already exists (made by the
 user, e.g. `ip tuntap add tap0 mode tap multi_queue`) is attached as it is and left behind.
 
-Such an existing TAP without a bridge, the nested-CI case, is found and brought up with the
-standard library (if_nametoindex, SIOCGIFFLAGS/SIOCSIFFLAGS): importing pyroute2 costs ~0.35 s
-here and about 6 s of CPU in L1, more than the rest of kvmpy's start-up.
+Only a bridge needs pyroute2 (netlink's IFLA_MASTER, and the check that it is a bridge): a TAP
+is found and brought up with the standard library (if_nametoindex, SIOCGIFFLAGS/SIOCSIFFLAGS),
+because importing pyroute2 costs ~0.35 s here and about 6 s of CPU in L1, more than the rest of
+kvmpy's start-up.
 """
 from __future__ import annotations
 
@@ -91,44 +92,26 @@ class Tap:
         self.fds: list[int] = []
         self.ifname = ifname
         self.queues = queues
-        if ifname and not bridge and _existing_index(ifname) is not None:
-            self._attach_existing(path)
-            return
-        with _ip() as ipr:
-            self.created = not ifname or _link_index(ipr, ifname) is None
-            bridge_index = self._bridge_index(ipr, bridge) if bridge else None
-            try:
-                for _ in range(queues):
-                    self.fds.append(self._open_queue(path))
-                index = _link_index(ipr, self.ifname)
-                if index is None:
-                    raise DeviceError(f"setting up TAP {self.ifname}", detail="it vanished after creation")
-                if bridge_index is not None:
-                    ipr.link("set", index=index, master=bridge_index)
-                ipr.link("set", index=index, state="up")
-            except DeviceError:
-                self.close()
-                raise
-            except OSError as e:   # pyroute2's NetlinkError is an OSError with the errno
-                self.close()
-                raise DeviceError(f"setting up TAP {self.ifname}", errno=e.errno) from None
-        log.info("TAP %s: %s, %d queue(s)%s", self.ifname, "created" if self.created else "existing",
-                 queues, f", on bridge {bridge}" if bridge else "")
-
-    def _attach_existing(self, path: str) -> None:
-        """An existing TAP, no bridge: open its queues and bring it up, without pyroute2."""
-        self.created = False
+        self.created = not ifname or _existing_index(ifname) is None
+        ipr = _ip() if bridge else None     # pyroute2 only for a bridge: the rest is the standard library
         try:
-            for _ in range(self.queues):
+            bridge_index = self._bridge_index(ipr, bridge) if ipr is not None else None   # before any TAP
+            for _ in range(queues):
                 self.fds.append(self._open_queue(path))
+            if ipr is not None:
+                ipr.link("set", index=socket.if_nametoindex(self.ifname), master=bridge_index)
             _bring_up(self.ifname)
         except DeviceError:
             self.close()
             raise
-        except OSError as e:
+        except OSError as e:   # pyroute2's NetlinkError is an OSError with the errno
             self.close()
             raise DeviceError(f"setting up TAP {self.ifname}", errno=e.errno) from None
-        log.info("TAP %s: existing, %d queue(s)", self.ifname, self.queues)
+        finally:
+            if ipr is not None:
+                ipr.close()
+        log.info("TAP %s: %s, %d queue(s)%s", self.ifname, "created" if self.created else "existing",
+                 queues, f", on bridge {bridge}" if bridge else "")
 
     @staticmethod
     def _bridge_index(ipr, bridge: str) -> int:
