@@ -34,6 +34,12 @@ TUNSETIFF = ioctl_opt.IOW(_T, 202, ioctl_opt.ctypes.c_int)
 TUNSETOFFLOAD = ioctl_opt.IOW(_T, 208, ioctl_opt.ctypes.c_uint)
 TUNGETIFF = ioctl_opt.IOR(_T, 210, ioctl_opt.ctypes.c_uint)
 TUNSETVNETHDRSZ = ioctl_opt.IOW(_T, 216, ioctl_opt.ctypes.c_int)
+TUNGETSNDBUF = ioctl_opt.IOR(_T, 211, ioctl_opt.ctypes.c_int)
+TUNSETSNDBUF = ioctl_opt.IOW(_T, 212, ioctl_opt.ctypes.c_int)
+# QEMU's default (tap_set_sndbuf with sndbuf=0): no send-buffer flow control. Left at the socket
+# default (net.core.wmem_default, ~208 KiB, a few TSO frames), a transmit burst from the guest
+# (vhost's, or ours) gets EAGAIN and waits for the host to free what it already took.
+TAP_SNDBUF = 2**31 - 1
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04, 0x08, 0x10
 VNET_HDR_LEN = 12
@@ -137,6 +143,7 @@ class Tap:
         try:
             res = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(self.ifname.encode(), flags))
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            fcntl.ioctl(fd, TUNSETSNDBUF, struct.pack("i", TAP_SNDBUF))
         except OSError as e:
             os.close(fd)
             raise DeviceError(what, errno=e.errno, detail=self._why(e.errno)) from None

@@ -18,8 +18,8 @@ from kvmpy.vhost.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN,
 def test_ioctl_numbers_match_the_header(tmp_path):
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
-    names = ["TUNSETIFF", "TUNSETOFFLOAD", "TUNGETIFF", "TUNSETVNETHDRSZ", "IFF_TAP", "IFF_NO_PI",
-             "IFF_VNET_HDR", "IFF_MULTI_QUEUE", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN",
+    names = ["TUNSETIFF", "TUNSETOFFLOAD", "TUNGETIFF", "TUNSETVNETHDRSZ", "TUNGETSNDBUF", "TUNSETSNDBUF",
+             "IFF_TAP", "IFF_NO_PI", "IFF_VNET_HDR", "IFF_MULTI_QUEUE", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN",
              "TUN_F_UFO"]
     body = "\n".join(f'printf("\\"{n}\\": %lu,\\n", (unsigned long)({n}));' for n in names)
     (tmp_path / "t.c").write_text("#include <stdio.h>\n#include <sys/ioctl.h>\n#include <linux/if_tun.h>\nint main(void){printf(\"{\");\n"
@@ -65,6 +65,9 @@ NETNS_SCRIPT = textwrap.dedent(r'''
     out["name"] = t.ifname
     out["up"] = "UP" in subprocess.run(["ip", "-o", "link", "show", t.ifname], capture_output=True, text=True).stdout
     out["created_without_pyroute2"] = t.created and "pyroute2" not in sys.modules    # only a bridge needs it
+    import fcntl
+    from kvmpy.vhost.tap import TUNGETSNDBUF
+    out["sndbuf"] = struct.unpack("i", fcntl.ioctl(t.fds[0], TUNGETSNDBUF, bytes(4)))[0]   # QEMU's: unlimited
     errors = []
     for kw in (dict(ifname=t.ifname), dict(bridge="nosuch"), dict(bridge="lo")):
         try:
@@ -124,6 +127,7 @@ def test_tap_in_a_private_netns():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert out["name"].startswith("tap") and out["up"] and out["created_without_pyroute2"]
+    assert out["sndbuf"] == 2**31 - 1
     e = out["errors"]
     assert "in use by another process" in e[0] and "no such interface" in e[1] and "not a bridge" in e[2]
     assert out["on_bridge"] and out["removed"] and out["tx_seen"] and out["rx"] and out["gone"]
