@@ -191,10 +191,15 @@ class DirtyTracker:
         any_dirty[:n] |= np.frombuffer(self.memory.dirty_maps[index], dtype=np.uint8).astype(bool)
         return any_dirty.reshape(chunks, chunk_pages)
 
-    def take(self, index: int, first: int, count: int) -> "np.ndarray":
+    def take(self, index: int, first: int, count: int, protect: bool = True) -> "np.ndarray":
         """The dirty pages (bool per page) of pages [first, first+count) of range `index`,
         cleared in KVM's log and the userspace map: send them after this call, never before.
-        `first` must be a multiple of 64 (KVM_CLEAR_DIRTY_LOG's rule)."""
+        `first` must be a multiple of 64 (KVM_CLEAR_DIRTY_LOG's rule).
+
+        `protect=False` leaves KVM's copy of the bits (and the pages writable) for a take whose
+        pages are the last this log will ever report: a switchover's, with every vCPU stopped
+        and the log switched off afterwards whatever happens. KVM_CLEAR_DIRTY_LOG
+        write-protects each page again, work that is then pure downtime."""
         import numpy as np
         assert self._pending is not None
         end = min(first + count, self.npages[index])
@@ -205,7 +210,7 @@ class DirtyTracker:
         # its downtime in L1.
         marked = np.flatnonzero(user)
         chunk = pending[first:end].copy()
-        if self._manual:
+        if self._manual and protect:
             kvm_bits = pending[first:end]
             if kvm_bits.any():
                 words = pages_to_bitmap(np.flatnonzero(kvm_bits), end - first)

@@ -212,7 +212,7 @@ class Precopy:
             marks.append(time.monotonic())
             self.remaining_pages = source.tracker.sync()
             last_pages = self.remaining_pages
-            self._dirty_pass(writer)
+            self._dirty_pass(writer, last=True)
             if block is not None:           # the disks were flushed by pause(): the last blocks
                 block.sync()
                 block.dirty_pass(writer)
@@ -363,8 +363,9 @@ class Precopy:
         if word != SYNCED:
             raise MigrationError("the destination answered", detail=f"{word[:40]!r} instead of SYNCED")
 
-    def _dirty_pass(self, writer: StreamWriter) -> int:
-        """Send what `sync` found, chunk by chunk, clearing each chunk just before sending it."""
+    def _dirty_pass(self, writer: StreamWriter, last: bool = False) -> int:
+        """Send what `sync` found, chunk by chunk, clearing each chunk just before sending it
+        (`last`: the switchover's, whose pages KVM need not write-protect again: DirtyTracker.take)."""
         before = self.channel.bytes_sent
         memory, tracker = self.source.memory, self.source.tracker
         # a small set (the passes near the switchover, the switchover's own) in one take per range:
@@ -380,7 +381,7 @@ class Precopy:
             else:
                 windows = dirty_windows(tracker, index, npages)
             for first, count in windows:
-                dirty = tracker.take(index, first, count)
+                dirty = tracker.take(index, first, count, protect=not last)
                 page_runs = run_table(dirty, first)
                 if page_runs.size:
                     self.normal_pages += int(dirty.sum())

@@ -148,6 +148,23 @@ def test_tracker_merges_kvm_log_and_own_writes(mem, manual):
     assert not vm.regions[-1][-1] and not mem.tracking
 
 
+def test_a_last_take_reports_the_same_pages_without_write_protecting_them(mem):
+    """take(protect=False), the switchover's: the same pages, pending and the userspace map
+    cleared, and no KVM_CLEAR_DIRTY_LOG (KVM's copy of the bits stays: the log is off next)."""
+    vm = FakeVm(mem, manual=True)
+    tracker = DirtyTracker(mem, vm)
+    tracker.start()
+    vm.guest_write(0x5000, b"guest")
+    mem.write(0x9000, b"kvmpy")
+    assert tracker.sync() == 2
+    cleared = []
+    vm.clear_dirty_log = lambda *args: cleared.append(args)
+    assert np.flatnonzero(tracker.take(0, 0, 256, protect=False)).tolist() == [5, 9]
+    assert cleared == [] and vm.log[mem.ranges[0].slot][5]
+    assert not mem.dirty_maps[0][9]
+    tracker.stop()
+
+
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 511)), max_size=60), st.booleans())
 @settings(max_examples=50, deadline=None)
 def test_tracker_never_loses_a_write(ops, manual):
