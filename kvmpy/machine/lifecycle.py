@@ -70,6 +70,7 @@ class Machine(MachineApiMixin, MachineControlMixin):
         self._status = RunState.INMIGRATE if config.incoming else RunState.PRELAUNCH
         self._lock = threading.RLock()          # serialises transitions (never taken by vCPU threads)
         self._flags = threading.Lock()          # guards what vCPU/device threads report
+        self.monitor_gate = threading.Lock()    # QMP commands run under it; a switchover holds it
         self._wake = threading.Event()
         self._ended = threading.Event()
         self._end: MachineExit | None = None

@@ -107,6 +107,11 @@ class Precopy:
         self._writer: StreamWriter | None = None
         self.dest_syncs = False             # the destination offered SYNC in its ACCEPT
         self._downtime = ExitStack()        # what holds for the switchover only (no GC)
+        # a lock every monitor command runs under (Machine.monitor_gate), held from the pause until
+        # the last byte is out, as QEMU's stop-and-copy holds the BQL: a client polling
+        # query-migrate took ms of Python (and the GIL) a call in L1, inside the downtime
+        self.monitor_gate: Any = None
+        self._gate = ExitStack()
         self._syncs_sent = 0
 
     # -- queries --------------------------------------------------------------------------------
@@ -201,6 +206,8 @@ class Precopy:
             source.check()
             paused_at = time.monotonic()
             self._downtime.enter_context(collector_paused())    # no garbage collection until LOADED
+            if self.monitor_gate is not None:
+                self._gate.enter_context(self.monitor_gate)
             source.pause()
             paused = True
             self._set_status("device")
@@ -218,6 +225,7 @@ class Precopy:
                 block.dirty_pass(writer)
             self.remaining_pages = 0
             writer.finish()
+            self._gate.close()              # all sent: the destination loads, the monitor may answer
             marks.append(time.monotonic())
             word, why = channel.read_reply(self.reply_timeout_s)
             marks.append(time.monotonic())
@@ -250,6 +258,7 @@ class Precopy:
                      (marks[3] - marks[2]) * 1000, self.total_ms)
             return self.stats()
         except BaseException as exc:
+            self._gate.close()
             self._downtime.close()
             original = exc
             self.total_ms = int((time.monotonic() - self.started) * 1000)

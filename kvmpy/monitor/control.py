@@ -7,7 +7,7 @@ the monitor's dispatch thread while the machine runs on its own threads.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
 
 # QMP's RunState names (qapi/run-state.json), the only values `status` may take.
 RUN_STATES = ("prelaunch", "running", "paused", "inmigrate", "postmigrate", "shutdown",
@@ -39,6 +39,12 @@ class MachineControl(Protocol):
     @property
     def status(self) -> str:
         """One of RUN_STATES."""
+
+    @property
+    def monitor_gate(self) -> ContextManager[Any]:
+        """The lock every queued command runs under: a migration holds it from the source's
+        pause until the last byte is out, as QEMU's stop-and-copy holds the BQL, so a client
+        polling query-migrate does not take the GIL inside the downtime."""
 
     @property
     def migration_parameters(self) -> dict:

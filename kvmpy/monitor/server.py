@@ -20,6 +20,7 @@ import selectors
 import socket
 import threading
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from kvmpy import sandbox
@@ -50,6 +51,8 @@ class QmpServer:
                  max_pending: int = DEFAULT_MAX_PENDING,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE):
         self.machine = machine
+        # a machine that has none (an embedder's own MachineControl) is never held up
+        self._gate = getattr(machine, "monitor_gate", None) or nullcontext()
         self.spec = parse_server_spec(spec) if isinstance(spec, str) else spec
         self.max_clients = max_clients
         self.max_output_bytes = max_output_bytes
@@ -356,7 +359,8 @@ class QmpServer:
             client, item = work
             if client.closed:
                 continue
-            deferred = self._answer(client, item)
+            with self._gate:        # a migration's switchover holds it (MachineControl.monitor_gate)
+                deferred = self._answer(client, item)
             with client.lock:
                 client.pending -= 1
             self._wake()

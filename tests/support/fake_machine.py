@@ -25,6 +25,7 @@ class FakeMachine:
         self._migration: dict = {}
         self._listeners: list[Callable[[str, dict], None]] = []
         self._lock = threading.Lock()
+        self.monitor_gate = threading.Lock()    # the monitor's commands run under it (Machine's)
         self.progress = 0                 # the "guest's" counter: advances while running
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, args=(tick_s,), daemon=True,

@@ -121,6 +121,44 @@ def test_the_switchover_takes_its_last_pages_without_write_protecting_them(monke
     source.close()
 
 
+def test_the_monitor_gate_is_held_from_the_pause_until_the_last_byte_is_out(monkeypatch):
+    """QEMU's stop-and-copy holds the BQL, so monitor commands wait; kvmpy's engine holds the
+    machine's monitor_gate from the pause to the end of the stream (not while the destination
+    loads): a client polling query-migrate in L1 took the GIL for ms a call inside the downtime."""
+    import threading
+    engine, source, seen = run_engine(monkeypatch, hot_pages=256, rate=20e6, sync_s=0.01)
+    gate = engine.monitor_gate = threading.Lock()
+    held: dict[str, bool] = {}
+    pause, read_reply = source.pause, engine.channel.read_reply
+
+    def paused() -> None:
+        held["pause"] = gate.locked()
+        pause()
+
+    def reply(timeout_s: float = 0.0):
+        if source.paused:
+            held["loading"] = gate.locked()
+        return read_reply(timeout_s)
+    source.pause, engine.channel.read_reply = paused, reply
+    assert engine.run()["status"] == "completed"
+    assert held == {"pause": True, "loading": False} and not gate.locked()
+    source.close()
+
+
+def test_a_failed_switchover_releases_the_monitor_gate(monkeypatch):
+    import threading
+    engine, source, seen = run_engine(monkeypatch, hot_pages=256, rate=20e6, sync_s=0.01)
+    gate = engine.monitor_gate = threading.Lock()
+
+    def broken() -> bytes:
+        raise precopy.MigrationError("capturing the state", detail="the test says no")
+    source.state = broken
+    with pytest.raises(precopy.MigrationError):
+        engine.run()
+    assert not gate.locked() and not source.paused      # resumed, and the monitor answers again
+    source.close()
+
+
 @given(st.integers(0, 1 << 20), st.floats(1.0, 1e10), st.floats(0.0, 1e4), st.floats(1.0, 1e5))
 def test_a_fixed_cost_only_adds(pages, bandwidth, fixed_ms, limit):
     assert expected_downtime_ms(pages, bandwidth, fixed_ms) >= expected_downtime_ms(pages, bandwidth)

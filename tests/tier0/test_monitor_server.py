@@ -79,6 +79,27 @@ def test_greeting_negotiation_commands_and_id(server, sock_path):
     c.close()
 
 
+def test_queued_commands_wait_for_the_monitor_gate_and_quick_queries_do_not(server, sock_path, machine):
+    """A migration's switchover holds the machine's monitor_gate (QEMU's stop-and-copy holds the
+    BQL): a queued command (query-migrate) is answered once it is released; query-status, which
+    the I/O thread answers at once, is not held up."""
+    c = RawClient(sock_path)
+    c.recv()
+    c.send({"execute": "qmp_capabilities"})
+    assert c.recv() == {"return": {}}
+    with machine.monitor_gate:
+        c.send({"execute": "query-migrate", "id": "held"})
+        c.sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            c.recv()
+        c.sock.settimeout(5.0)
+    assert c.recv() == {"return": {}, "id": "held"}
+    with machine.monitor_gate:
+        c.send({"execute": "query-status", "id": "now"})
+        assert c.recv()["id"] == "now"
+    c.close()
+
+
 def test_events_reach_negotiated_clients_with_timestamps(server, sock_path, machine):
     early = RawClient(sock_path)
     early.recv()                                    # greeting, but never negotiates
