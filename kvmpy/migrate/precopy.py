@@ -204,10 +204,10 @@ class Precopy:
             # switchover
             self._set_throttle(0)
             source.check()
+            if self.monitor_gate is not None:   # first: a command running now finishes before the pause
+                self._gate.enter_context(self.monitor_gate)
             paused_at = time.monotonic()
             self._downtime.enter_context(collector_paused())    # no garbage collection until LOADED
-            if self.monitor_gate is not None:
-                self._gate.enter_context(self.monitor_gate)
             source.pause()
             paused = True
             self._set_status("device")
