@@ -262,8 +262,8 @@ def migrate_out(machine: "Machine", uri: str, on_engine: Callable[[Precopy], Non
         raise
     try:
         engine = Precopy(source, channel, dict(machine.migration_parameters),
-                         capabilities=dict(machine.migration_capabilities if capabilities is None else capabilities))
-        engine.monitor_gate = machine.monitor_gate
+                         capabilities=dict(machine.migration_capabilities if capabilities is None else capabilities),
+                         monitor_gate=machine.monitor_gate)
         if on_engine is not None:
             on_engine(engine)
         stats = engine.run()

@@ -74,7 +74,8 @@ class Precopy:
     `params`: QMP's downtime-limit (ms) and max-bandwidth (bytes/s, 0 unlimited)."""
 
     def __init__(self, source: PrecopySource, channel: Channel, params: dict[str, Any],
-                 reply_timeout_s: float = REPLY_TIMEOUT_S, capabilities: dict[str, bool] | None = None):
+                 reply_timeout_s: float = REPLY_TIMEOUT_S, capabilities: dict[str, bool] | None = None,
+                 monitor_gate: Any = None):
         self.source, self.channel = source, channel
         self.params = dict(params)
         self.auto_converge = bool((capabilities or {}).get("auto-converge"))
@@ -110,7 +111,7 @@ class Precopy:
         # a lock every monitor command runs under (Machine.monitor_gate), held from the pause until
         # the last byte is out, as QEMU's stop-and-copy holds the BQL: a client polling
         # query-migrate took ms of Python (and the GIL) a call in L1, inside the downtime
-        self.monitor_gate: Any = None
+        self.monitor_gate = monitor_gate
         self._gate = ExitStack()
         self._syncs_sent = 0
 

@@ -44,7 +44,8 @@ class MachineControl(Protocol):
     def monitor_gate(self) -> ContextManager[Any]:
         """The lock every queued command runs under: a migration holds it from the source's
         pause until the last byte is out, as QEMU's stop-and-copy holds the BQL, so a client
-        polling query-migrate does not take the GIL inside the downtime."""
+        polling query-migrate does not take the GIL inside the downtime. Optional: the server
+        never holds up a machine (an embedder's own) that has none."""
 
     @property
     def migration_parameters(self) -> dict:

@@ -150,12 +150,16 @@ def test_a_failed_switchover_releases_the_monitor_gate(monkeypatch):
     engine, source, seen = run_engine(monkeypatch, hot_pages=256, rate=20e6, sync_s=0.01)
     gate = engine.monitor_gate = threading.Lock()
 
+    held: list[bool] = []
+
     def broken() -> bytes:
+        held.append(gate.locked())
         raise precopy.MigrationError("capturing the state", detail="the test says no")
     source.state = broken
     with pytest.raises(precopy.MigrationError):
         engine.run()
-    assert not gate.locked() and not source.paused      # resumed, and the monitor answers again
+    assert held == [True]                               # the capture ran under the gate...
+    assert not gate.locked() and not source.paused      # ...released on failure, the guest resumed
     source.close()
 
 
