@@ -34,6 +34,42 @@ def page_of(gpa: int) -> int:
     return gpa // PAGE_SIZE
 
 
+def take_marks(marks: bytearray, first: int, end: int) -> "np.ndarray":
+    """Bytes [first, end) of a userspace dirty map (GuestMemory.dirty_maps), copied out and zeroed
+    in one step: the C data path sets them without the GIL while this runs. With the extension,
+    kvmpy_dirty_take exchanges whole words atomically, so a concurrent mark lands either in this
+    copy or in the map for the next take. Without it, nothing marks outside the GIL: zero exactly
+    the bytes read as set, so a mark between the read and the clear is never erased."""
+    import numpy as np
+    out = np.zeros(max(end - first, 0), dtype=np.uint8)
+    if not out.size:
+        return out
+    take = _c_take()
+    if take is not None:
+        ffi, fn = take
+        live = ffi.from_buffer("uint8_t[]", marks, require_writable=True)     # alive across the call
+        fn(live + first, ffi.from_buffer("uint8_t[]", out, require_writable=True), out.size)
+        return out
+    live = np.frombuffer(marks, dtype=np.uint8)[first:end]
+    out[:] = live
+    live[out != 0] = 0
+    return out
+
+
+_C_TAKE: list = []
+
+
+def _c_take() -> "tuple[Any, Any] | None":
+    """(ffi, kvmpy_dirty_take) from the C extension, or None in an unbuilt checkout."""
+    if not _C_TAKE:
+        try:
+            from kvmpy.ioctl._kvm import ffi, lib
+            _C_TAKE.append((ffi, lib.kvmpy_dirty_take) if hasattr(lib, "kvmpy_dirty_take") else None)
+        except ImportError:
+            _C_TAKE.append(None)
+    return _C_TAKE[0]
+
+
 class ExtraDirtyLog(Protocol):
     """Another writer of guest RAM that neither KVM's log nor GuestMemory's map sees (vhost-net's
     kernel worker: kvmpy.vhost.dirtylog.VhostDirtyLog). DirtyTracker starts it after its own logs
@@ -204,11 +240,12 @@ class DirtyTracker:
         assert self._pending is not None
         end = min(first + count, self.npages[index])
         pending = self._pending[index]
-        user = np.frombuffer(self.memory.dirty_maps[index], dtype=np.uint8)[first:end]     # writable
-        # The marked pages as indices, not runs of the whole window: a switchover takes all of
-        # RAM in one window, and diffing 128 Ki entries for a handful of marks cost ~30 ms of
+        # The marked pages as indices of a private copy, never of the live map: the C data path
+        # marks it without the GIL, and numpy's nonzero counts, then fills, and raises when a
+        # mark lands in between (a CI failure). Indices, not runs of the window: a switchover
+        # takes all of RAM at once, and diffing 128 Ki entries for a few marks cost ~30 ms of
         # its downtime in L1.
-        marked = np.flatnonzero(user)
+        marked = np.flatnonzero(take_marks(self.memory.dirty_maps[index], first, end))
         chunk = pending[first:end].copy()
         if self._manual and protect:
             kvm_bits = pending[first:end]
@@ -217,7 +254,6 @@ class DirtyTracker:
                 self._vm_call(self.vm.clear_dirty_log, self.memory.ranges[index].slot, first, end - first, words)
         if marked.size:
             chunk[marked] = True
-            user[marked] = 0                # exactly the bytes about to be sent
         pending[first:end] = False
         return chunk
 

@@ -17,7 +17,8 @@ the one userspace dirty map live migration merges with it: a byte per page per R
   - the C data path (vqfast.c) sets the same bytes for the chains it completes, always (a byte
     store per page next to a preadv costs nothing), and fastpath.blk_process marks the used ring.
 Marks are idempotent byte stores (never read-modify-write), so C and Python never lose each
-other's marks; the migration side clears exactly the bytes it is about to send (memslots.dirty).
+other's marks; the migration side takes the bytes of what it is about to send with an atomic exchange
+(memslots.dirty.take_marks).
 Not tracked: API users writing through numpy views, and vhost-net's kernel writes. The core works on the mmaps directly; numpy is imported on the
 first `view()`/`arrays` use, since importing it costs seconds under nested virtualization and
 booting a guest needs none of it.
