@@ -423,6 +423,14 @@ int kvmpy_net_tx(struct kvmpy_vq *q, struct kvmpy_net *n, struct kvmpy_chain *c)
 with open(os.path.join(_HERE, "netfast.c")) as _f:
     SOURCE += "\n" + _f.read().replace('#include "netfast.h"', _NETFAST_H)
 
+# ---- live migration's page copies (pagecopy.c; see kvmpy/migrate/pages.py) ----
+CDEF += r"""
+uint64_t kvmpy_pages_gather(const uint8_t *base, const int64_t *pages, uint64_t n, uint8_t *out, uint8_t *zero);
+void kvmpy_pages_scatter(uint8_t *base, const int64_t *pages, uint64_t n, const uint8_t *src);
+"""
+with open(os.path.join(_HERE, "pagecopy.c")) as _f:
+    SOURCE += "\n" + _f.read()
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source("kvmpy.ioctl._kvm", SOURCE, extra_compile_args=["-O2"])

@@ -1,5 +1,6 @@
 """Guest pages for the stream: which pages are zero (they are never sent), runs of pages, the
-checksum of a RAM range, and a received chunk's pages put in place (scatter_pages).
+checksum of a RAM range, a live pass's pages gathered (gather_pages) and a received chunk's
+pages put in place (scatter_pages), both in C when it is built.
 
 Zero detection is numpy over the whole range (each page viewed as 512 uint64 words, `.any()` per
 row), a block of SCAN_BLOCK_BYTES at a time so the temporaries stay small: ~12 GB/s here, so a
@@ -200,14 +201,81 @@ def memory_checksum(buffer: Any) -> int:
 
 def scatter_pages(target: np.ndarray, runs_table: np.ndarray, data: Any) -> None:
     """Put a chunk's pages in place: `data` (its data runs' pages in order) into the runs' pages
-    of `target`, and zero into its zero runs, each with one numpy call."""
+    of `target`, and zero into its zero runs (kvmpy_pages_scatter: see gather_pages for why C)."""
     pages = target.reshape(-1, PAGE_SIZE)
     zero = runs_table[:, 2] != 0
     if (~zero).any():
         source = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-        pages[page_numbers(runs_table[~zero, 0], runs_table[~zero, 1])] = source
+        _scatter(pages, page_numbers(runs_table[~zero, 0], runs_table[~zero, 1]), source)
     if zero.any():
-        pages[page_numbers(runs_table[zero, 0], runs_table[zero, 1])] = 0
+        _scatter(pages, page_numbers(runs_table[zero, 0], runs_table[zero, 1]), None)
+
+
+def gather_pages(rows: np.ndarray, numbers: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Copy pages `numbers` of `rows` (a (pages, PAGE_SIZE) uint8 array) into `out` (as many
+    rows or more), the non-zero ones first and in order: (the zero mask per page, the rows of
+    `out` holding the data pages). The copy is what a live pass sends, so the zero test is made
+    on it, not on pages the guest may be writing.
+
+    Why C (kvmpy_pages_gather) when it is built: numpy copies each 4 KiB row with glibc's
+    memmove, which uses `rep movsb` at that size, and QEMU's TCG (the nested harness's L1) runs
+    that a byte at a time: 27-30 us a page there against 4-5 for SSE2 moves, on a pass bounded by
+    the CPU. numpy is the reference (compared in tier 0) and the path of an unbuilt checkout."""
+    numbers = _checked_numbers(rows, numbers)
+    if out.shape[0] < numbers.size or out.shape[1:] != (PAGE_SIZE,) or not out.flags.c_contiguous:
+        raise ValueError(f"gather_pages: out {out.shape} cannot hold {numbers.size} pages")
+    zero = np.zeros(numbers.size, dtype=bool)
+    c = _c_pages()
+    if c is not None and rows.flags.c_contiguous:
+        ffi, lib = c
+        held = lib.kvmpy_pages_gather(ffi.from_buffer("uint8_t[]", rows), ffi.from_buffer("int64_t[]", numbers),
+                                      numbers.size, ffi.from_buffer("uint8_t[]", out, require_writable=True),
+                                      ffi.from_buffer("uint8_t[]", zero.view(np.uint8), require_writable=True))
+        return zero, out[:held]
+    block = rows[numbers]
+    zero[:] = ~nonzero_rows(block.view(np.uint64))
+    data = block[~zero]
+    out[:len(data)] = data
+    return zero, out[:len(data)]
+
+
+def _scatter(rows: np.ndarray, numbers: np.ndarray, source: np.ndarray | None) -> None:
+    """rows[numbers] = source's pages (in order), or zero when source is None."""
+    numbers = _checked_numbers(rows, numbers)
+    if source is not None and source.shape != (numbers.size, PAGE_SIZE):
+        raise ValueError(f"scatter: {source.shape[0]} pages of data for {numbers.size} page numbers")
+    c = _c_pages()
+    if c is None or not rows.flags.c_contiguous:
+        rows[numbers] = 0 if source is None else source
+        return
+    ffi, lib = c
+    lib.kvmpy_pages_scatter(ffi.from_buffer("uint8_t[]", rows, require_writable=True),
+                            ffi.from_buffer("int64_t[]", numbers), numbers.size,
+                            ffi.NULL if source is None else ffi.from_buffer("uint8_t[]", np.ascontiguousarray(source)))
+
+
+def _checked_numbers(rows: np.ndarray, numbers: Any) -> np.ndarray:
+    """Page numbers as contiguous int64, each a row of `rows` (the C copies trust them)."""
+    numbers = np.ascontiguousarray(numbers, dtype=np.int64)
+    if rows.ndim != 2 or rows.shape[1] != PAGE_SIZE or rows.dtype != np.uint8:
+        raise ValueError(f"page copies work on (pages, {PAGE_SIZE}) uint8 arrays, not {rows.shape} {rows.dtype}")
+    if numbers.size and (int(numbers.min()) < 0 or int(numbers.max()) >= rows.shape[0]):
+        raise ValueError(f"page numbers outside the {rows.shape[0]} pages of the range")
+    return numbers
+
+
+_C_PAGES: list = []
+
+
+def _c_pages() -> tuple[Any, Any] | None:
+    """(ffi, lib) of the C extension when it has the page copies, else None."""
+    if not _C_PAGES:
+        try:
+            from kvmpy.ioctl._kvm import ffi, lib
+            _C_PAGES.append((ffi, lib) if hasattr(lib, "kvmpy_pages_gather") else None)
+        except ImportError:
+            _C_PAGES.append(None)
+    return _C_PAGES[0]
 
 
 def page_numbers(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:

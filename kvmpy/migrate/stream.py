@@ -64,7 +64,7 @@ import numpy as np
 
 from kvmpy.errors import MigrationError
 from kvmpy.migrate.codec import MAX_STATE_BYTES
-from kvmpy.migrate.pages import (PAGE_SIZE, RangeChecksum, byte_view, nonzero_pages, nonzero_rows, page_numbers,
+from kvmpy.migrate.pages import (PAGE_SIZE, RangeChecksum, byte_view, gather_pages, nonzero_pages, page_numbers,
                                  runs)
 
 MAGIC = b"KVMPYMIG"
@@ -151,29 +151,32 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
-def gathered_chunks(view: np.ndarray, page_runs: Any,
-                    chunk_pages: int = CHUNK_PAGES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def gathered_chunks(view: np.ndarray, page_runs: Any, chunk_pages: int = CHUNK_PAGES,
+                    scratch: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """write_pages' chunks for many scattered runs, [(first page, count)] or an (n, 2) array of
     them: for each `chunk_pages` of the runs' pages, the run table (rows of first page, count |
     ZERO_RUN: cut where pages stop being consecutive or change between zero and data) and the
-    data pages, gathered into a new buffer by one numpy call that also serves the zero test.
+    data pages, gathered by one call that also serves the zero test (pages.gather_pages) into
+    `scratch` (at least `chunk_pages` rows, reused: each chunk must be written before the next is
+    asked for) or, without it, a new buffer per chunk.
     Why: per page, a pass of a few hundred scattered pages was thousands of numpy calls (hundreds
     of ms under nested TCG, all of it downtime at the switchover); and the gather is the copy a
     live pass needs anyway (crc and data must agree while the guest writes), where the pages
-    used to be copied twice, and a paused guest's pages went out one write per page."""
+    used to be copied twice, and a paused guest's pages went out one write per page. A reused
+    buffer spares the kernel zeroing a fresh one, which L1's TCG also does a byte at a time."""
     table = np.asarray(page_runs, dtype=np.int64).reshape(-1, 2)
     firsts, counts = table[:, 0], table[:, 1]
     pages = page_numbers(firsts, counts)
     rows = view.reshape(-1, PAGE_SIZE)
     for start in range(0, pages.size, chunk_pages):
         chunk = pages[start:start + chunk_pages]
-        block = rows[chunk]
-        zero = ~nonzero_rows(block.view(np.uint64))
+        out = scratch if scratch is not None else np.empty((chunk.size, PAGE_SIZE), dtype=np.uint8)
+        zero, data = gather_pages(rows, chunk, out)
         cuts = np.flatnonzero((np.diff(chunk) != 1) | (np.diff(zero.view(np.int8)) != 0)) + 1
         starts = np.concatenate(([0], cuts))
         lengths = np.diff(np.concatenate((starts, [chunk.size])))
         table = np.stack([chunk[starts], lengths | np.where(zero[starts], ZERO_RUN, 0)], axis=1).astype("<u4")
-        yield table, (block[~zero] if zero.any() else block)
+        yield table, data
 
 
 class StreamWriter:
@@ -209,6 +212,7 @@ class StreamWriter:
         # destination checks and places a chunk while the source builds the next, so only the
         # last chunk's work is added to the downtime, not a whole 4 MiB chunk's (~30 ms in L1).
         self.chunk_pages = CHUNK_PAGES
+        self._gather: np.ndarray | None = None     # gathered_chunks' scratch, kept across passes
         self.bytes_written = 0          # stream bytes, holes of the file layout included
         self.page_bytes_written = 0     # guest page data actually written
 
@@ -303,7 +307,7 @@ class StreamWriter:
         a later live-migration pass sends for dirty pages. `nonzero`: the caller just found these
         pages non-zero (the first pass's scan), so a few runs go as data without a second scan
         (one that turned zero since is sent as data: harmless); many runs are gathered and tested
-        anyway, which costs about one word per data page (pages.nonzero_rows)."""
+        anyway, as the gather copies them (pages.gather_pages)."""
         self._check_open()
         if self.sparse:
             raise MigrationError("writing guest memory", detail="write_pages needs the run layout")
@@ -318,7 +322,9 @@ class StreamWriter:
         if len(table) > FEW_RUNS:       # (scanned or not: the gather's zero test is nearly free)
             if view.size // PAGE_SIZE >= ZERO_RUN:
                 raise MigrationError("writing guest memory", detail=f"range at {gpa:#x} is too large")
-            for chunk_table, data in gathered_chunks(view, table, self.chunk_pages):
+            if self._gather is None or self._gather.shape[0] < self.chunk_pages:
+                self._gather = np.empty((max(self.chunk_pages, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
+            for chunk_table, data in gathered_chunks(view, table, self.chunk_pages, self._gather):
                 self._write_chunk(gpa, chunk_table, [memoryview(data.reshape(-1))] if data.size else [], copied=True)
             return
         if nonzero:
