@@ -4,7 +4,7 @@ copied into guarded guest RAM (64 KiB at 0 and 16 KiB at 4 GiB), DISK sections (
 migration) through the destination's BlockReceiver onto a scratch image. A stream is built from the
 input section by section (kind, payload, and for MEMORY_RUNS/MEMORY_ZSTD a run table and page
 data) with correct checksums nearly always, so mutations reach what lies behind the crc
-checks; one input in eight is read from a regular file (the mappable path, sizes checked
+checks, in stream format 2 (MEMORY_RUNS pages checked by the data hash) or 1 (by the crc); one input in eight is read from a regular file (the mappable path, sizes checked
 against the file), the rest from a pipe-like buffer. Oracle: only KvmpyError escapes, nothing
 is written outside guest RAM or past the image's end, and the reader ends (END, or an error) within the input.
 """
@@ -21,6 +21,7 @@ with common.instrumented("kvmpy.migrate"):
     from kvmpy.errors import KvmpyError
     from kvmpy.migrate import block, zstd
     from kvmpy.migrate.decoder import decode_state
+    from kvmpy.migrate.pages import data_hash, hash_digest
     from kvmpy.memslots import GuestMemory
     from kvmpy.migrate.reader import StreamReader, check_file_ranges, verify_file_range
     from kvmpy.migrate.stream import (CHUNK_HEADER, DISK_HEADER, DISK_RUN, FILE_HEADER, FORMAT_VERSION, MAGIC, RANGE_ENTRY, RANGE_TABLE,
@@ -40,7 +41,8 @@ KINDS = [SectionKind.CONFIG, SectionKind.STATE, SectionKind.MEMORY_RUNS, Section
          SectionKind.MEMORY_ZSTD, SectionKind.DISK, SectionKind.MEMORY_FILE, SectionKind.END]
 
 
-def runs_payload(fdp: atheris.FuzzedDataProvider) -> bytes:
+def runs_payload(fdp: atheris.FuzzedDataProvider, version: int = 1) -> tuple[bytes, int]:
+    """A MEMORY_RUNS payload, and how many of its bytes the section crc covers."""
     gpa = (0, RAM1_GPA, 0, fdp.ConsumeIntInRange(0, (1 << 64) - 1))[fdp.ConsumeIntInRange(0, 3)]
     nruns = fdp.ConsumeIntInRange(1, 4) if fdp.ConsumeIntInRange(0, 15) else fdp.ConsumeIntInRange(0, 0xFFFFFFFF)
     table, pages = bytearray(), bytearray()
@@ -53,7 +55,10 @@ def runs_payload(fdp: atheris.FuzzedDataProvider) -> bytes:
             pages += bytes([fdp.ConsumeIntInRange(0, 255)]) * (PAGE * min(count, 4))
     if fdp.ConsumeIntInRange(0, 15) == 0:
         pages = pages[:fdp.ConsumeIntInRange(0, len(pages))]
-    return CHUNK_HEADER.pack(gpa, nruns, 0) + table + pages
+    if version == 1:
+        return CHUNK_HEADER.pack(gpa, nruns, 0) + table + pages, -1
+    digest = hash_digest(data_hash(0, pages)) if len(pages) % PAGE == 0 else fdp.ConsumeIntInRange(0, 0xFFFFFFFF)
+    return CHUNK_HEADER.pack(gpa, nruns, digest) + table + pages, CHUNK_HEADER.size + len(table)
 
 
 def memory_file_payload(fdp: atheris.FuzzedDataProvider, at: int, layout: list[tuple[int, int]]) -> bytes:
@@ -118,7 +123,8 @@ def disk_payload(fdp: atheris.FuzzedDataProvider, first: bool) -> bytes:
 
 def build(data: bytes, layout: list[tuple[int, int]]) -> bytes:
     fdp = atheris.FuzzedDataProvider(data)
-    header = FILE_HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+    version = FORMAT_VERSION if fdp.ConsumeBool() else 1
+    header = FILE_HEADER.pack(MAGIC, version, 0)
     out = bytearray(header + struct.pack("<I", zlib.crc32(header)))
     if fdp.ConsumeIntInRange(0, 31) == 0:
         out = bytearray(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 24)))
@@ -130,9 +136,9 @@ def build(data: bytes, layout: list[tuple[int, int]]) -> bytes:
             count = sections if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 20)
             payload = struct.pack("<Q", count)
         elif kind == SectionKind.MEMORY_RUNS:
-            payload = runs_payload(fdp)
+            payload, covered = runs_payload(fdp, version)
         elif kind == SectionKind.MEMORY_ZSTD:
-            raw = runs_payload(fdp)
+            raw, _ = runs_payload(fdp, version)
             payload = ZSTD_HEADER.pack(len(raw), 0) + (zstd.compress(raw) if zstd.available() else raw)
         elif kind == SectionKind.MEMORY_FILE:
             payload = memory_file_payload(fdp, len(out), layout)
@@ -145,6 +151,8 @@ def build(data: bytes, layout: list[tuple[int, int]]) -> bytes:
         if kind == SectionKind.MEMORY_FILE:       # the crc covers only the range table
             count = payload[0] if payload else 0
             crc = section_crc(kind, length, [payload[:RANGE_TABLE.size + count * RANGE_ENTRY.size]])
+        elif kind == SectionKind.MEMORY_RUNS and covered >= 0:     # format 2: header and run table
+            crc = section_crc(kind, length, [payload[:covered]])
         else:
             crc = section_crc(kind, length, [payload])
         if fdp.ConsumeIntInRange(0, 63) == 0:

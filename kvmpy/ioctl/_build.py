@@ -427,6 +427,7 @@ with open(os.path.join(_HERE, "netfast.c")) as _f:
 CDEF += r"""
 uint64_t kvmpy_pages_gather(const uint8_t *base, const int64_t *pages, uint64_t n, uint8_t *out, uint8_t *zero);
 void kvmpy_pages_scatter(uint8_t *base, const int64_t *pages, uint64_t n, const uint8_t *src);
+uint64_t kvmpy_pages_hash(uint64_t h, const uint8_t *data, uint64_t npages);
 """
 with open(os.path.join(_HERE, "pagecopy.c")) as _f:
     SOURCE += "\n" + _f.read()

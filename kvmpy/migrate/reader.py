@@ -19,12 +19,12 @@ zero, and zero pages are never sent except as a later pass's zero runs.
 
 A MEMORY_RUNS chunk's run table is checked (against the section's length, then the RAM range)
 before its pages are read. A chunk of long runs (a first pass) then goes straight into guest RAM
-(readinto each run's slice, crc32 over it, the crc checked after the last page): through scratch
-every byte was copied once more, and in L1 the destination's CPU is what a busy guest's pre-copy
-waits on. Such a chunk failing its crc has written RAM the destination never runs (the load
-fails), as a good chunk before a bad one always did. A chunk of scattered pages (a dirty pass) is
-read whole into scratch (a readinto per page is a system call per page), crc-checked, and put in
-place by one numpy scatter.
+(readinto each run's slice, the data check over it, checked after the last page: data_hash since
+format 2, the section crc in format 1): through scratch every byte was copied once more, and in
+L1 the destination's CPU is what a busy guest's pre-copy waits on. Such a chunk failing its check
+has written RAM the destination never runs (the load fails), as a good chunk before a bad one
+always did. A chunk of scattered pages (a dirty pass) is read whole into scratch (a readinto per
+page is a system call per page), checked, and put in place by one scatter (pages.scatter_pages).
 """
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ import numpy as np
 from kvmpy.errors import MigrationError
 from kvmpy.migrate.codec import MAX_STATE_BYTES
 from kvmpy.migrate.filemap import FileRange, check_file_ranges, map_file_range, verify_file_range  # noqa: F401
-from kvmpy.migrate.pages import PAGE_SIZE, RangeChecksum, nonzero_pages, runs, scatter_pages
+from kvmpy.migrate.pages import PAGE_SIZE, RangeChecksum, data_hash, hash_digest, nonzero_pages, runs, scatter_pages
 from kvmpy.migrate.stream import (
     CHUNK_HEADER, CHUNK_PAGES, END_PAYLOAD, MAX_DISK_PAYLOAD, FILE_HEADER, FILE_HEADER_CRC, FORMAT_VERSION, MAGIC,
-    MAX_CHUNK_PAYLOAD, MAX_GPA, MAX_RANGES, MAX_ZSTD_PAYLOAD, RANGE_ENTRY, RANGE_TABLE, RUN_ENTRY_SIZE,
+    MAX_CHUNK_PAYLOAD, MAX_GPA, MAX_RANGES, MAX_ZSTD_PAYLOAD, RANGE_ENTRY, RANGE_TABLE, READ_FORMATS, RUN_ENTRY_SIZE,
     SECTION_CRC_FIELDS, SECTION_HEADER, SYNC_PAYLOAD, ZERO_RUN, ZSTD_HEADER, SectionKind, check_ranges,
     is_seekable_regular, section_crc)
 
@@ -75,7 +75,9 @@ class StreamReader:
         self._number = 0                # sections read, END excluded
         self._current: Section | None = None
         self._chunk: tuple[np.ndarray, memoryview | None] = None     # MEMORY_RUNS: runs, data (None: in the stream)
-        self._chunk_crc: tuple[int, int, int] | None = None         # a streamed chunk's crc so far, expected, at
+        # a streamed chunk's data check so far, expected, at (format 1: the section crc; 2: data_hash)
+        self._chunk_crc: tuple[int, int, int] | None = None
+        self.format = FORMAT_VERSION
         self._scratch: bytearray | None = None
         self._zscratch: bytearray | None = None     # a compressed chunk as read
         self.finished = False
@@ -147,8 +149,9 @@ class StreamReader:
         _, version, flags = FILE_HEADER.unpack(first)
         if version > FORMAT_VERSION:
             raise MigrationError(f"snapshot format {version} is newer than this kvmpy reads ({FORMAT_VERSION})")
-        if version != FORMAT_VERSION:
+        if version not in READ_FORMATS:
             raise self._error(f"unknown snapshot format {version}", at=8)
+        self.format = version
         (crc,) = FILE_HEADER_CRC.unpack(self._read(FILE_HEADER_CRC.size, "the header"))
         if crc != zlib.crc32(first):
             raise self._error("header checksum mismatch (corrupt stream)", at=0)
@@ -245,16 +248,28 @@ class StreamReader:
             raise self._error(f"MEMORY_RUNS section of {length} bytes", at=at)
         header = bytearray(CHUNK_HEADER.size)
         self._read_into(memoryview(header), "the MEMORY_RUNS section")
-        gpa, nruns, reserved = CHUNK_HEADER.unpack(header)
+        gpa, nruns, digest = CHUNK_HEADER.unpack(header)
         table_end = CHUNK_HEADER.size + nruns * RUN_ENTRY_SIZE
-        if reserved or not 1 <= nruns <= CHUNK_PAGES or table_end > length:
+        if (digest and self.format == 1) or not 1 <= nruns <= CHUNK_PAGES or table_end > length:
             raise self._error(f"MEMORY_RUNS chunk with {nruns} runs in {length} bytes", at=at)
         table = bytearray(table_end - CHUNK_HEADER.size)
         self._read_into(memoryview(table), "the MEMORY_RUNS section")
         running = zlib.crc32(table, zlib.crc32(header, zlib.crc32(SECTION_CRC_FIELDS.pack(SectionKind.MEMORY_RUNS, length))))
+        if self.format == 1:            # the crc goes on over the data
+            self._chunk_crc = (running, crc, at)
+        elif running != crc:
+            raise self._error("MEMORY_RUNS section checksum mismatch (corrupt stream)", at=at)
+        else:
+            self._chunk_crc = (0, digest, at)
         self._chunk = (self._run_table(table, nruns, length - table_end, at), None)
-        self._chunk_crc = (running, crc, at)
         return Section(SectionKind.MEMORY_RUNS, self._number, gpa=gpa)
+
+    def _check_data(self, running: int, piece: Any) -> int:
+        """A streamed chunk's data check, `running` so far, continued over `piece` (whole pages)."""
+        return zlib.crc32(piece, running) if self.format == 1 else data_hash(running, piece)
+
+    def _data_checked(self, running: int, expected: int) -> bool:
+        return running == expected if self.format == 1 else hash_digest(running) == expected
 
     def _drain_chunk(self) -> None:
         """Read the rest of a streamed chunk nobody took, checking its crc."""
@@ -264,19 +279,21 @@ class StreamReader:
         while self._pos < self._section_end:
             piece = self._scratch_view(min(self._section_end - self._pos, _COPY_BYTES))
             self._read_into(piece, "the MEMORY_RUNS section")
-            running = zlib.crc32(piece, running)
-        if running != expected:
+            running = self._check_data(running, piece)
+        if not self._data_checked(running, expected):
             raise self._error("MEMORY_RUNS section checksum mismatch (corrupt stream)", at=at)
 
     def _memory_runs(self, payload: memoryview, at: int) -> Section:
         """A MEMORY_RUNS payload held in memory (a decompressed MEMORY_ZSTD chunk)."""
         if len(payload) < CHUNK_HEADER.size:
             raise self._error(f"MEMORY_RUNS section of {len(payload)} bytes", at=at)
-        gpa, nruns, reserved = CHUNK_HEADER.unpack(payload[:CHUNK_HEADER.size])
+        gpa, nruns, digest = CHUNK_HEADER.unpack(payload[:CHUNK_HEADER.size])
         table_end = CHUNK_HEADER.size + nruns * RUN_ENTRY_SIZE
-        if reserved or not 1 <= nruns <= CHUNK_PAGES or table_end > len(payload):
+        if (digest and self.format == 1) or not 1 <= nruns <= CHUNK_PAGES or table_end > len(payload):
             raise self._error(f"MEMORY_RUNS chunk with {nruns} runs in {len(payload)} bytes", at=at)
         runs_table = self._run_table(payload[CHUNK_HEADER.size:table_end], nruns, len(payload) - table_end, at)
+        if self.format != 1 and hash_digest(data_hash(0, payload[table_end:])) != digest:
+            raise self._error("MEMORY_RUNS chunk's data hash mismatch (corrupt stream)", at=at)
         self._chunk = (runs_table, payload[table_end:])
         return Section(SectionKind.MEMORY_RUNS, self._number, gpa=gpa)
 
@@ -372,7 +389,7 @@ class StreamReader:
         if data_pages < DIRECT_RUN_PAGES * len(data_runs):
             data = self._scratch_view(data_pages * PAGE_SIZE)
             self._read_into(data, f"a memory chunk for RAM at {gpa:#x}")
-            if zlib.crc32(data, running) != expected:
+            if not self._data_checked(self._check_data(running, data), expected):
                 raise self._error("MEMORY_RUNS section checksum mismatch (corrupt stream)", at=at)
             scatter_pages(target, runs_table, data)
             return
@@ -383,8 +400,8 @@ class StreamReader:
             else:
                 view = memoryview(span)
                 self._read_into(view, f"RAM at {gpa + first * PAGE_SIZE:#x}")
-                running = zlib.crc32(view, running)
-        if running != expected:
+                running = self._check_data(running, view)
+        if not self._data_checked(running, expected):
             raise self._error("MEMORY_RUNS section checksum mismatch (corrupt stream)", at=at)
 
     def _copy_file_range(self, file_range: FileRange, target: np.ndarray) -> None:

@@ -4,13 +4,14 @@ One format serves a snapshot file and a stream through a pipe or socket: it is w
 front to back, except that the file layout of guest memory (below) patches its own range table
 after writing the pages. All integers are little-endian.
 
-    header   := "KVMPYMIG" u32 format_version(=1) u32 flags(=0) u32 crc32(of the 16 bytes before)
+    header   := "KVMPYMIG" u32 format_version(=2) u32 flags(=0) u32 crc32(of the 16 bytes before)
     section  := u8 kind  3 zero bytes  u32 crc  u64 length  payload[length]
     stream   := header section* END-section
 
 A section's crc is crc32 over (u8 kind, u64 length) then its payload, except for MEMORY_FILE,
-whose crc covers its range table only (see there). The reader checks lengths against fixed limits
-before it allocates or reads anything, and refuses a kind it does not know.
+whose crc covers its range table only, and MEMORY_RUNS, whose pages a hash checks (see there).
+The reader checks lengths against fixed limits before it allocates or reads anything, and
+refuses a kind it does not know. It reads format 1 too, whose only difference is MEMORY_RUNS's.
 
 Kinds:
   CONFIG (1)   an encoded state value (kvmpy.migrate.codec): the machine's identity, checked
@@ -28,7 +29,11 @@ Kinds:
                through a pipe (`exec:cat FILE`), and on demand for a mapped range
                (reader.verify_file_range).
   MEMORY_RUNS (4), for a pipe or socket: one chunk of at most CHUNK_PAGES pages of one range
-               payload := u64 gpa  u32 nruns  u32 zero  nruns * (u32 first_page  u32 count)  data
+               payload := u64 gpa  u32 nruns  u32 data_hash  nruns * (u32 first_page  u32 count)  data
+               The section crc covers the chunk header and run table; `data_hash`
+               (kvmpy.migrate.pages: hash_digest of data_hash over the data pages in order)
+               covers the data. Why not the crc: in L1 crc32 cost 14-20 us a page on each side
+               of a live pass, the hash ~3. Format 1: the crc covers the data, data_hash is zero.
                `count` has ZERO_RUN (bit 31) set for a run of zero pages, which carries no data
                (a later live-migration pass must clear pages that became zero; the first pass
                never sends them); the data of the other runs follows in order. A chunk covers at
@@ -64,16 +69,17 @@ import numpy as np
 
 from kvmpy.errors import MigrationError
 from kvmpy.migrate.codec import MAX_STATE_BYTES
-from kvmpy.migrate.pages import (PAGE_SIZE, RangeChecksum, byte_view, gather_pages, nonzero_pages, page_numbers,
-                                 runs)
+from kvmpy.migrate.pages import (PAGE_SIZE, RangeChecksum, byte_view, data_hash, gather_pages, hash_digest,
+                                 nonzero_pages, page_numbers, runs)
 
 MAGIC = b"KVMPYMIG"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                              # what the writer writes
+READ_FORMATS = (1, 2)                           # what the reader reads (1: MEMORY_RUNS crc over the data)
 FILE_HEADER = struct.Struct("<8sII")            # magic, format version, flags
 FILE_HEADER_CRC = struct.Struct("<I")
 SECTION_HEADER = struct.Struct("<B3sIQ")        # kind, reserved, crc32, payload length
 SECTION_CRC_FIELDS = struct.Struct("<BQ")       # what the crc covers of the header: kind, length
-CHUNK_HEADER = struct.Struct("<QII")            # gpa, run count, reserved
+CHUNK_HEADER = struct.Struct("<QII")            # gpa, run count, data hash (format 1: zero)
 RUN_ENTRY_SIZE = 8                              # u32 first page, u32 count | ZERO_RUN
 RANGE_TABLE = struct.Struct("<II")              # range count, reserved
 RANGE_ENTRY = struct.Struct("<QQQII")           # gpa, size, data offset, checksum, reserved
@@ -244,9 +250,10 @@ class StreamWriter:
         self._write(header + FILE_HEADER_CRC.pack(zlib.crc32(header)))
         self._started = True
 
-    def _write_section(self, kind: SectionKind, parts: Sequence[Any]) -> None:
+    def _write_section(self, kind: SectionKind, parts: Sequence[Any], crc_parts: int | None = None) -> None:
+        """`crc_parts`: how many leading parts the crc covers (MEMORY_RUNS: the table), all by default."""
         length = sum(memoryview(part).nbytes for part in parts)
-        header = SECTION_HEADER.pack(kind, b"\0\0\0", section_crc(kind, length, parts), length)
+        header = SECTION_HEADER.pack(kind, b"\0\0\0", section_crc(kind, length, parts[:crc_parts]), length)
         if parts and memoryview(parts[0]).nbytes <= SMALL_PART_BYTES:
             # one write for the header and a small first part (a chunk's run table, STATE, END,
             # SYNC): on a TCP_NODELAY socket each write may be a packet of its own
@@ -367,9 +374,12 @@ class StreamWriter:
     def _write_chunk(self, gpa: int, entries: Any, data: list[memoryview], copied: bool = False) -> None:
         """One MEMORY_RUNS (or MEMORY_ZSTD) chunk: `entries` [(first, count | ZERO_RUN)] or such
         rows, `data` the data runs' pages in order (`copied`: a private copy already)."""
-        table = CHUNK_HEADER.pack(gpa, len(entries), 0) + np.asarray(entries, dtype="<u4").tobytes()
         if self.copy_pages and data and not copied:
             data = [memoryview(b"".join(data))]
+        h = 0
+        for part in data:
+            h = data_hash(h, part)
+        table = CHUNK_HEADER.pack(gpa, len(entries), hash_digest(h)) + np.asarray(entries, dtype="<u4").tobytes()
         page_bytes = sum(part.nbytes for part in data)
         if self.compress:
             from kvmpy.migrate import zstd
@@ -379,7 +389,7 @@ class StreamWriter:
                 self._write_section(SectionKind.MEMORY_ZSTD, [ZSTD_HEADER.pack(len(raw), 0), frame])
                 self.page_bytes_written += page_bytes
                 return
-        self._write_section(SectionKind.MEMORY_RUNS, [table, *data])
+        self._write_section(SectionKind.MEMORY_RUNS, [table, *data], crc_parts=1)
         self.page_bytes_written += page_bytes
 
     def _write_memory_file(self, views: list[tuple[int, np.ndarray]], masks: list[np.ndarray]) -> None:

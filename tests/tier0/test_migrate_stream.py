@@ -267,7 +267,7 @@ def test_header_and_end_checks():
     good = pipe_stream([(0, sample_ram(4))])
     cases = [
         (b"", "empty"), (b"KVMPY", "truncated"), (b"QFI\xfb" + good[4:], "not a kvmpy"),
-        (good[:8] + struct.pack("<I", 2) + good[12:], "snapshot format 2 is newer than this kvmpy reads (1)"),
+        (good[:8] + struct.pack("<I", 3) + good[12:], "snapshot format 3 is newer than this kvmpy reads (2)"),
         (good[:8] + struct.pack("<I", 0) + good[12:], "unknown snapshot format 0"),
         (good[:12] + b"\x01" + good[13:], "header checksum"),
         (good[:-(SECTION_HEADER.size + 8)], "ends without its end marker"),
