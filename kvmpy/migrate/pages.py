@@ -212,8 +212,8 @@ def scatter_pages(target: np.ndarray, runs_table: np.ndarray, data: Any) -> None
 
 
 def gather_pages(rows: np.ndarray, numbers: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Copy pages `numbers` of `rows` (a (pages, PAGE_SIZE) uint8 array) into `out` (as many
-    rows or more), the non-zero ones first and in order: (the zero mask per page, the rows of
+    """Copy the non-zero ones of pages `numbers` of `rows` (a (pages, PAGE_SIZE) uint8 array),
+    in order, to the start of `out` (room for every page): (the zero mask per page, the rows of
     `out` holding the data pages). The copy is what a live pass sends, so the zero test is made
     on it, not on pages the guest may be writing.
 
