@@ -25,6 +25,8 @@ from kvmpy.errors import MigrationError
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+CHUNK_PAGES = 1024                 # 4 MiB of pages per MEMORY_RUNS section of a stream
+ZERO_RUN = 1 << 31                  # a MEMORY_RUNS run table's count flag: these pages are zero
 SCAN_BLOCK_BYTES = 64 << 20
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 
@@ -209,6 +211,81 @@ def scatter_pages(target: np.ndarray, runs_table: np.ndarray, data: Any) -> None
         _scatter(pages, page_numbers(runs_table[~zero, 0], runs_table[~zero, 1]), source)
     if zero.any():
         _scatter(pages, page_numbers(runs_table[zero, 0], runs_table[zero, 1]), None)
+
+
+def gathered_chunks(view: np.ndarray, page_runs: Any, chunk_pages: int = CHUNK_PAGES,
+                    scratch: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """write_pages' chunks for many scattered runs, [(first page, count)] or an (n, 2) array of
+    them: for each `chunk_pages` of the runs' pages, the run table (rows of first page, count |
+    ZERO_RUN: cut where pages stop being consecutive or change between zero and data) and the
+    data pages, gathered by one call that also serves the zero test (pages.gather_pages) into
+    `scratch` (at least `chunk_pages` rows, reused: each chunk must be written before the next is
+    asked for) or, without it, a new buffer per chunk.
+    Why: per page, a pass of a few hundred scattered pages was thousands of numpy calls (hundreds
+    of ms under nested TCG, all of it downtime at the switchover); and the gather is the copy a
+    live pass needs anyway (crc and data must agree while the guest writes), where the pages
+    used to be copied twice, and a paused guest's pages went out one write per page. A reused
+    buffer spares faulting in a fresh one: in L1 a fresh 4 MiB gather cost 55-60 us a page
+    against 27-30 into a reused one (before the copy itself went to C)."""
+    table = np.asarray(page_runs, dtype=np.int64).reshape(-1, 2)
+    firsts, counts = table[:, 0], table[:, 1]
+    pages = page_numbers(firsts, counts)
+    rows = view.reshape(-1, PAGE_SIZE)
+    for start in range(0, pages.size, chunk_pages):
+        chunk = pages[start:start + chunk_pages]
+        out = scratch if scratch is not None else np.empty((chunk.size, PAGE_SIZE), dtype=np.uint8)
+        zero, data = gather_pages(rows, chunk, out)
+        yield chunk_run_table(chunk, zero), data
+
+
+def chunk_run_table(numbers: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """A chunk's run table for its pages `numbers` (in order) and their zero mask: rows of (first
+    page, count | ZERO_RUN for a zero run) as '<u4', a run cut where pages stop being
+    consecutive or change between zero and data."""
+    cuts = np.flatnonzero((np.diff(numbers) != 1) | (np.diff(zero.view(np.int8)) != 0)) + 1
+    starts = np.concatenate(([0], cuts))
+    lengths = np.diff(np.concatenate((starts, [numbers.size])))
+    return np.stack([numbers[starts], lengths | np.where(zero[starts], ZERO_RUN, 0)], axis=1).astype("<u4")
+
+
+def pack_marked(view: np.ndarray, mask: np.ndarray, first: int, chunk_pages: int,
+                scratch: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """A dirty pass's chunks straight from its mask: the pages `first + i` of `view` (a RAM
+    range's bytes) whose mask[i] is set, `chunk_pages` at a time, each chunk as (its run table,
+    as chunk_run_table; its data pages, gathered into `scratch` (at least `chunk_pages` rows,
+    reused: write each chunk before asking for the next); their data_hash state). The same
+    chunks as gathered_chunks(view, run_table(mask, first)) with data_hash over each.
+
+    Why: per chunk, the runs, page numbers, gather, cuts, table and hash were a dozen numpy calls
+    and two C calls, ~20 us a page of a live pass in L1 (nested TCG), where the pass is bounded
+    by the source's CPU: kvmpy_pages_pack does them in one walk of the mask. numpy (through
+    gathered_chunks) is the reference, compared in tier 0, and the path of an unbuilt checkout."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    rows = view.reshape(-1, PAGE_SIZE)
+    if first < 0 or first + mask.size > rows.shape[0]:
+        raise ValueError(f"pack_marked: pages {first}+{mask.size} outside the range's {rows.shape[0]}")
+    if scratch.shape[0] < chunk_pages or scratch.shape[1:] != (PAGE_SIZE,) or not scratch.flags.c_contiguous:
+        raise ValueError(f"pack_marked: scratch {scratch.shape} cannot hold {chunk_pages} pages")
+    c = _c_pages()
+    if c is None or not rows.flags.c_contiguous:
+        for table, data in gathered_chunks(view, run_table(mask, first), chunk_pages, scratch):
+            yield table, data, data_hash(0, data) if data.size else 0
+        return
+    ffi, lib = c
+    base = ffi.from_buffer("uint8_t[]", rows)
+    marks = ffi.from_buffer("uint8_t[]", mask.view(np.uint8))
+    out = ffi.from_buffer("uint8_t[]", scratch, require_writable=True)
+    table = np.empty((chunk_pages, 2), dtype="<u4")
+    table_ptr = ffi.from_buffer("uint32_t[]", table, require_writable=True)
+    result, h = ffi.new("uint64_t[3]"), ffi.new("uint64_t *")
+    at, n = 0, mask.size
+    while at < n:
+        h[0] = 0
+        used = lib.kvmpy_pages_pack(base, marks + at, n - at, first + at, chunk_pages, ZERO_RUN, out, table_ptr, result, h)
+        at += used
+        if result[2]:
+            yield table[:result[1]], scratch[:result[0]], int(h[0])
+
 
 
 def gather_pages(rows: np.ndarray, numbers: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

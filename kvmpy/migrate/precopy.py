@@ -392,8 +392,8 @@ class Precopy:
                 windows = dirty_windows(tracker, index, npages)
             for first, count in windows:
                 dirty = tracker.take(index, first, count, protect=not last)
-                page_runs = run_table(dirty, first)
-                if page_runs.size:
-                    self.normal_pages += int(dirty.sum())
-                    writer.write_pages(r.gpa, buffer, page_runs)
+                taken = int(np.count_nonzero(dirty))
+                if taken:
+                    self.normal_pages += taken
+                    writer.write_marked(r.gpa, buffer, dirty, first)
         return self.channel.bytes_sent - before

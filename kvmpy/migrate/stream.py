@@ -69,8 +69,8 @@ import numpy as np
 
 from kvmpy.errors import MigrationError
 from kvmpy.migrate.codec import MAX_STATE_BYTES
-from kvmpy.migrate.pages import (PAGE_SIZE, RangeChecksum, byte_view, data_hash, gather_pages, hash_digest,
-                                 nonzero_pages, page_numbers, runs)
+from kvmpy.migrate.pages import (CHUNK_PAGES, PAGE_SIZE, ZERO_RUN, RangeChecksum, byte_view, data_hash,
+                                 gathered_chunks, hash_digest, nonzero_pages, pack_marked, runs)
 
 MAGIC = b"KVMPYMIG"
 FORMAT_VERSION = 2                              # what the writer writes
@@ -89,8 +89,6 @@ SYNC_PAYLOAD = struct.Struct("<Q")              # sequence number
 SMALL_PART_BYTES = 1 << 20                      # a section's first part written with its header
 FEW_RUNS = 8                                    # write_pages tests more runs than this in one go
 
-CHUNK_PAGES = 1024                              # 4 MiB of pages per MEMORY_RUNS section
-ZERO_RUN = 1 << 31
 MAX_RANGES = 256                                # RAM ranges in one MEMORY_FILE table
 MAX_GPA = 1 << 52                               # x86's widest physical address
 MAX_CHUNK_PAYLOAD = CHUNK_HEADER.size + CHUNK_PAGES * (RUN_ENTRY_SIZE + PAGE_SIZE)
@@ -155,35 +153,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         written = os.pwrite(fd, data, offset)
         data = data[written:]
         offset += written
-
-
-def gathered_chunks(view: np.ndarray, page_runs: Any, chunk_pages: int = CHUNK_PAGES,
-                    scratch: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """write_pages' chunks for many scattered runs, [(first page, count)] or an (n, 2) array of
-    them: for each `chunk_pages` of the runs' pages, the run table (rows of first page, count |
-    ZERO_RUN: cut where pages stop being consecutive or change between zero and data) and the
-    data pages, gathered by one call that also serves the zero test (pages.gather_pages) into
-    `scratch` (at least `chunk_pages` rows, reused: each chunk must be written before the next is
-    asked for) or, without it, a new buffer per chunk.
-    Why: per page, a pass of a few hundred scattered pages was thousands of numpy calls (hundreds
-    of ms under nested TCG, all of it downtime at the switchover); and the gather is the copy a
-    live pass needs anyway (crc and data must agree while the guest writes), where the pages
-    used to be copied twice, and a paused guest's pages went out one write per page. A reused
-    buffer spares faulting in a fresh one: in L1 a fresh 4 MiB gather cost 55-60 us a page
-    against 27-30 into a reused one (before the copy itself went to C)."""
-    table = np.asarray(page_runs, dtype=np.int64).reshape(-1, 2)
-    firsts, counts = table[:, 0], table[:, 1]
-    pages = page_numbers(firsts, counts)
-    rows = view.reshape(-1, PAGE_SIZE)
-    for start in range(0, pages.size, chunk_pages):
-        chunk = pages[start:start + chunk_pages]
-        out = scratch if scratch is not None else np.empty((chunk.size, PAGE_SIZE), dtype=np.uint8)
-        zero, data = gather_pages(rows, chunk, out)
-        cuts = np.flatnonzero((np.diff(chunk) != 1) | (np.diff(zero.view(np.int8)) != 0)) + 1
-        starts = np.concatenate(([0], cuts))
-        lengths = np.diff(np.concatenate((starts, [chunk.size])))
-        table = np.stack([chunk[starts], lengths | np.where(zero[starts], ZERO_RUN, 0)], axis=1).astype("<u4")
-        yield table, data
 
 
 class StreamWriter:
@@ -333,9 +302,7 @@ class StreamWriter:
         if len(table) > FEW_RUNS or self.copy_pages:
             if view.size // PAGE_SIZE >= ZERO_RUN:
                 raise MigrationError("writing guest memory", detail=f"range at {gpa:#x} is too large")
-            if self._gather is None or self._gather.shape[0] < self.chunk_pages:
-                self._gather = np.empty((max(self.chunk_pages, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
-            for chunk_table, data in gathered_chunks(view, table, self.chunk_pages, self._gather):
+            for chunk_table, data in gathered_chunks(view, table, self.chunk_pages, self._scratch()):
                 self._write_chunk(gpa, chunk_table, [memoryview(data.reshape(-1))] if data.size else [], copied=True)
             return
         if nonzero:
@@ -348,6 +315,28 @@ class StreamWriter:
                 marks += [(first + start, n, True) for start, n in runs(~mask)]
                 items += sorted(marks)
         self._write_chunks(gpa, view, items)
+
+    def write_marked(self, gpa: int, buffer: Any, mask: np.ndarray, first: int) -> None:
+        """The pages `first + i` of one range whose mask[i] is set, as write_pages sends them
+        for a running guest (gathered, each copy tested for zero and hashed): a dirty pass's
+        pages straight from the tracker's mask, one C call a chunk (pages.pack_marked)."""
+        self._check_open()
+        if self.sparse:
+            raise MigrationError("writing guest memory", detail="write_marked needs the run layout")
+        [(gpa, view)] = check_ranges([(gpa, buffer)], "writing guest memory")
+        if view.size // PAGE_SIZE >= ZERO_RUN:
+            raise MigrationError("writing guest memory", detail=f"range at {gpa:#x} is too large")
+        if first < 0 or first + len(mask) > view.size // PAGE_SIZE:
+            raise MigrationError("writing guest memory", detail=f"pages {first}+{len(mask)} outside the range's "
+                                                                 f"{view.size // PAGE_SIZE}")
+        for table, data, h in pack_marked(view, mask, first, self.chunk_pages, self._scratch()):
+            self._write_chunk(gpa, table, [memoryview(data.reshape(-1))] if data.size else [], copied=True, h=h)
+
+    def _scratch(self) -> np.ndarray:
+        """The gather buffer, kept across passes (a fresh one per chunk faults in 4 MiB each time)."""
+        if self._gather is None or self._gather.shape[0] < self.chunk_pages:
+            self._gather = np.empty((max(self.chunk_pages, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
+        return self._gather
 
     def _write_chunks(self, gpa: int, view: np.ndarray, items: Iterable[tuple[int, int, bool]]) -> None:
         if view.size // PAGE_SIZE >= ZERO_RUN:
@@ -371,14 +360,17 @@ class StreamWriter:
         if entries:
             self._write_chunk(gpa, entries, data)
 
-    def _write_chunk(self, gpa: int, entries: Any, data: list[memoryview], copied: bool = False) -> None:
+    def _write_chunk(self, gpa: int, entries: Any, data: list[memoryview], copied: bool = False,
+                     h: int | None = None) -> None:
         """One MEMORY_RUNS (or MEMORY_ZSTD) chunk: `entries` [(first, count | ZERO_RUN)] or such
-        rows, `data` the data runs' pages in order (`copied`: a private copy already)."""
+        rows, `data` the data runs' pages in order (`copied`: a private copy already; `h`: their
+        data_hash state, when the copy computed it)."""
         if self.copy_pages and data and not copied:
             data = [memoryview(b"".join(data))]
-        h = 0
-        for part in data:
-            h = data_hash(h, part)
+        if h is None:
+            h = 0
+            for part in data:
+                h = data_hash(h, part)
         table = CHUNK_HEADER.pack(gpa, len(entries), hash_digest(h)) + np.asarray(entries, dtype="<u4").tobytes()
         page_bytes = sum(part.nbytes for part in data)
         if self.compress:

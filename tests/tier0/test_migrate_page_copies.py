@@ -1,7 +1,8 @@
 """Live migration's page copies in C (kvmpy/ioctl/pagecopy.c) against their numpy reference in
 kvmpy.migrate.pages: the same data pages in the same order, the same zero mask, the same RAM
-after a scatter, for any mix of data and zero pages, repeated and unsorted page numbers
-included; and page numbers outside the range refused before any copy."""
+after a scatter, the same chunks (run table, data, hash) packed from a dirty mask, for any mix
+of data and zero pages, repeated and unsorted page numbers included; and page numbers outside
+the range refused before any copy."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvmpy.migrate import pages as pages_mod
-from kvmpy.migrate.pages import PAGE_SIZE, gather_pages, scatter_pages
+from kvmpy.migrate.pages import PAGE_SIZE, ZERO_RUN, data_hash, gather_pages, pack_marked, scatter_pages
 
 NPAGES = 48
 
@@ -25,9 +26,13 @@ def _ram(draw, npages: int = NPAGES) -> np.ndarray:
         kind = draw.draw(st.sampled_from(["zero", "one byte", "full"]))
         if kind == "one byte":          # a single byte anywhere: the zero test must read it all
             rows[page, draw.draw(st.integers(0, PAGE_SIZE - 1))] = draw.draw(st.integers(1, 255))
-        elif kind == "full":
-            rows[page] = np.frombuffer(draw.draw(st.binary(min_size=PAGE_SIZE, max_size=PAGE_SIZE)), dtype=np.uint8)
+        elif kind == "full":            # from a drawn seed: a drawn 4 KiB overran hypothesis' buffer
+            rows[page] = _random_bytes(draw.draw(st.integers(0, 2**32 - 1)), PAGE_SIZE)
     return rows
+
+
+def _random_bytes(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 
 
 def _both(fn):
@@ -70,8 +75,7 @@ def test_scatter_equals_the_numpy_reference(data):
     page_set = data.draw(st.lists(st.integers(0, NPAGES - 1), unique=True, max_size=NPAGES))
     marks = data.draw(st.lists(st.booleans(), min_size=len(page_set), max_size=len(page_set)))
     table = np.array([(p, 1, int(z)) for p, z in zip(page_set, marks)], dtype=np.int64).reshape(-1, 3)
-    payload = np.frombuffer(data.draw(st.binary(min_size=PAGE_SIZE * (len(marks) - sum(marks)),
-                                                max_size=PAGE_SIZE * (len(marks) - sum(marks)))), dtype=np.uint8)
+    payload = _random_bytes(data.draw(st.integers(0, 2**32 - 1)), PAGE_SIZE * (len(marks) - sum(marks)))
 
     def scatter():
         target = start.copy().reshape(-1)
@@ -106,3 +110,48 @@ def test_page_numbers_outside_the_range_copy_nothing(monkeypatch, with_c):
     with pytest.raises(ValueError):
         scatter_pages(target, np.array([[0, 2, 0]]), bytes(PAGE_SIZE))     # 1 page of data for 2
     assert target.all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_pack_marked_equals_the_numpy_reference(data):
+    """kvmpy_pages_pack against gathered_chunks(run_table(mask)) with data_hash: the same run
+    tables, data pages and hash, chunk by chunk, for any window, mask and chunk size."""
+    _c_built()
+    rows = _ram(data)
+    first = data.draw(st.integers(0, NPAGES))
+    mask = np.array(data.draw(st.lists(st.booleans(), max_size=NPAGES - first)), dtype=bool)
+    chunk_pages = data.draw(st.integers(1, 9))
+
+    def pack():
+        scratch = np.full((chunk_pages, PAGE_SIZE), 0xAA, dtype=np.uint8)
+        return [(table.tolist(), held.copy(), h)
+                for table, held, h in pack_marked(rows.reshape(-1), mask, first, chunk_pages, scratch)]
+
+    c, reference = _both(pack)
+    assert len(c) == len(reference) == -(-int(mask.sum()) // chunk_pages)
+    pages_sent = []
+    for (table, held, h), (table_ref, held_ref, h_ref) in zip(c, reference):
+        assert table == table_ref
+        assert np.array_equal(held, held_ref)
+        assert h == h_ref == (data_hash(0, held) if held.size else 0)
+        for page, count in table:
+            pages_sent += range(page, page + (count & ~ZERO_RUN))
+            assert rows[page:page + (count & ~ZERO_RUN)].any(axis=1).tolist() == [not count & ZERO_RUN] * (count & ~ZERO_RUN)
+    assert pages_sent == (np.flatnonzero(mask) + first).tolist()
+
+
+@pytest.mark.parametrize("with_c", [True, False])
+def test_pack_marked_refuses_a_window_outside_the_range(monkeypatch, with_c):
+    if with_c:
+        _c_built()
+    else:
+        monkeypatch.setattr(pages_mod, "_C_PAGES", [None])
+    ram = np.ones(4 * PAGE_SIZE, dtype=np.uint8)
+    scratch = np.zeros((2, PAGE_SIZE), dtype=np.uint8)
+    for first, size in ((3, 2), (-1, 1), (5, 0)):
+        with pytest.raises(ValueError):
+            list(pack_marked(ram, np.ones(size, dtype=bool), first, 2, scratch))
+    with pytest.raises(ValueError):         # a scratch smaller than a chunk
+        list(pack_marked(ram, np.ones(4, dtype=bool), 0, 3, scratch))
+    assert not scratch.any()
