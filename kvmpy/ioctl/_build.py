@@ -426,10 +426,11 @@ with open(os.path.join(_HERE, "netfast.c")) as _f:
 # ---- live migration's page copies (pagecopy.c; see kvmpy/migrate/pages.py) ----
 CDEF += r"""
 uint64_t kvmpy_pages_gather(const uint8_t *base, const int64_t *pages, uint64_t n, uint8_t *out, uint8_t *zero);
-void kvmpy_pages_scatter(uint8_t *base, const int64_t *pages, uint64_t n, const uint8_t *src);
 uint64_t kvmpy_pages_hash(uint64_t h, const uint8_t *data, uint64_t npages);
 uint64_t kvmpy_pages_pack(const uint8_t *base, const uint8_t *mask, uint64_t n, uint64_t first, uint64_t max_pages,
                           uint32_t zero_flag, uint8_t *out, uint32_t *table, uint64_t *result, uint64_t *hash);
+int kvmpy_pages_place(uint8_t *base, uint64_t npages, const int64_t *table, uint64_t nrows,
+                      const uint8_t *data, uint64_t ndata);
 """
 with open(os.path.join(_HERE, "pagecopy.c")) as _f:
     SOURCE += "\n" + _f.read()

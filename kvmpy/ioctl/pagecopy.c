@@ -6,7 +6,8 @@
    row with glibc's memmove, which takes `rep movsb` at that size, and QEMU's TCG (the nested
    harness's L1) runs that instruction a byte at a time: 27-30 us a page there, against 4-5 for
    16-byte SSE2 moves, with the pass bounded by the CPU. The zero test rides on the copy's loads.
-   Page numbers come checked by the caller (against the range they index). */
+   Page numbers come checked by the caller (against the range they index), except in
+   kvmpy_pages_place, which checks the run table a stream brought before writing a page. */
 #include <stdint.h>
 #include <string.h>
 #if defined(__SSE2__)
@@ -57,22 +58,14 @@ uint64_t kvmpy_pages_gather(const uint8_t *base, const int64_t *pages, uint64_t 
     return held;
 }
 
-/* The destination's side: pages pages[0..n) of base set from src's pages in order, or zeroed
-   when src is NULL (a chunk's zero runs). */
-void kvmpy_pages_scatter(uint8_t *base, const int64_t *pages, uint64_t n, const uint8_t *src)
+/* Zero npages pages at dst (16-byte stores: glibc's memset takes `rep stosb`, slow under TCG). */
+static void kvmpy_pages_zero(uint8_t *dst, uint64_t npages)
 {
-    for (uint64_t i = 0; i < n; i++) {
-        uint8_t *dst = base + (uint64_t)pages[i] * KVMPY_PAGE;
-        if (src != NULL) {
-            kvmpy_page_copy(dst, src + i * KVMPY_PAGE);
-            continue;
-        }
+    for (uint64_t k = 0; k < npages * KVMPY_PAGE; k += 16) {
 #if defined(__SSE2__)
-        for (int k = 0; k < KVMPY_PAGE; k += 16)
-            _mm_storeu_si128((__m128i *)(dst + k), _mm_setzero_si128());
+        _mm_storeu_si128((__m128i *)(dst + k), _mm_setzero_si128());
 #else
-        for (int k = 0; k < KVMPY_PAGE; k += 8)
-            memset(dst + k, 0, 8);
+        memset(dst + k, 0, 16);
 #endif
     }
 }
@@ -169,4 +162,35 @@ uint64_t kvmpy_pages_pack(const uint8_t *base, const uint8_t *mask, uint64_t n, 
     result[2] = taken;
     *hash = h;
     return i;
+}
+
+/* The destination's side of a chunk, from its run table as the reader checked it: rows
+   table[3k .. 3k + 2] = first page, count, zero; a data run's pages come from data in order, a
+   zero run's are zeroed. Every row is checked against the range's npages, and the data runs
+   against the ndata pages of data, before a page is written: -1 and nothing written when one
+   does not fit. Why one call: per chunk, the page numbers of both kinds of run and their checks
+   were a dozen numpy calls (kvmpy.migrate.pages.scatter_pages keeps them as the reference). */
+int kvmpy_pages_place(uint8_t *base, uint64_t npages, const int64_t *table, uint64_t nrows,
+                      const uint8_t *data, uint64_t ndata)
+{
+    uint64_t want = 0;
+    for (uint64_t k = 0; k < nrows; k++) {
+        int64_t first = table[3 * k], count = table[3 * k + 1];
+        if (first < 0 || count < 0 || (uint64_t)first > npages || (uint64_t)count > npages - (uint64_t)first)
+            return -1;
+        if (!table[3 * k + 2])
+            want += (uint64_t)count;
+    }
+    if (want != ndata)
+        return -1;
+    for (uint64_t k = 0; k < nrows; k++) {
+        uint64_t first = (uint64_t)table[3 * k], count = (uint64_t)table[3 * k + 1];
+        if (table[3 * k + 2]) {
+            kvmpy_pages_zero(base + first * KVMPY_PAGE, count);
+            continue;
+        }
+        for (uint64_t i = 0; i < count; i++, data += KVMPY_PAGE)
+            kvmpy_page_copy(base + (first + i) * KVMPY_PAGE, data);
+    }
+    return 0;
 }

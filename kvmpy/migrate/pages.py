@@ -1,6 +1,7 @@
 """Guest pages for the stream: which pages are zero (they are never sent), runs of pages, the
-checksum of a RAM range, a live pass's pages gathered (gather_pages) and a received chunk's
-pages put in place (scatter_pages), both in C when it is built.
+checksum of a RAM range, a live pass's pages gathered (gather_pages, or packed into chunks
+straight from a dirty mask: pack_marked) and a received chunk's pages put in place
+(scatter_pages), all in C when it is built (kvmpy/ioctl/pagecopy.c), numpy as the reference.
 
 Zero detection is numpy over the whole range (each page viewed as 512 uint64 words, `.any()` per
 row), a block of SCAN_BLOCK_BYTES at a time so the temporaries stay small: ~12 GB/s here, so a
@@ -203,14 +204,34 @@ def memory_checksum(buffer: Any) -> int:
 
 def scatter_pages(target: np.ndarray, runs_table: np.ndarray, data: Any) -> None:
     """Put a chunk's pages in place: `data` (its data runs' pages in order) into the runs' pages
-    of `target`, and zero into its zero runs (kvmpy_pages_scatter: see gather_pages for why C)."""
+    of `target`, and zero into its zero runs. With the C extension, one kvmpy_pages_place call
+    checks every run and the data's size, then places the pages (see gather_pages for why C; the
+    page numbers of both kinds of run and their checks were a dozen numpy calls a chunk); numpy
+    below is the reference. Runs outside `target`, or data not matching the data runs, raise
+    ValueError before anything is written."""
     pages = target.reshape(-1, PAGE_SIZE)
-    zero = runs_table[:, 2] != 0
-    if (~zero).any():
-        source = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-        _scatter(pages, page_numbers(runs_table[~zero, 0], runs_table[~zero, 1]), source)
-    if zero.any():
-        _scatter(pages, page_numbers(runs_table[zero, 0], runs_table[zero, 1]), None)
+    c = _c_pages()
+    if c is not None and pages.flags.c_contiguous:
+        ffi, lib = c
+        table = np.ascontiguousarray(runs_table, dtype=np.int64)
+        source = np.frombuffer(data, dtype=np.uint8)
+        if table.ndim != 2 or table.shape[1] != 3 or source.size % PAGE_SIZE:
+            raise ValueError(f"scatter: a run table of shape {table.shape} with {source.size} bytes of data")
+        if lib.kvmpy_pages_place(ffi.from_buffer("uint8_t[]", pages, require_writable=True), pages.shape[0],
+                                 ffi.from_buffer("int64_t[]", table), table.shape[0],
+                                 ffi.from_buffer("uint8_t[]", source), source.size // PAGE_SIZE) < 0:
+            raise ValueError(f"scatter: runs outside the {pages.shape[0]} pages of the range, or "
+                             f"{source.size // PAGE_SIZE} pages of data for other data runs")
+        return
+    table = np.asarray(runs_table, dtype=np.int64).reshape(-1, 3)
+    zero = table[:, 2] != 0
+    data_numbers = _checked_numbers(pages, page_numbers(table[~zero, 0], table[~zero, 1]))
+    zero_numbers = _checked_numbers(pages, page_numbers(table[zero, 0], table[zero, 1]))
+    source = np.frombuffer(data, dtype=np.uint8)
+    if source.size != data_numbers.size * PAGE_SIZE:
+        raise ValueError(f"scatter: {source.size} bytes of data for {data_numbers.size} pages")
+    pages[data_numbers] = source.reshape(-1, PAGE_SIZE)
+    pages[zero_numbers] = 0
 
 
 def gathered_chunks(view: np.ndarray, page_runs: Any, chunk_pages: int = CHUNK_PAGES,
@@ -314,21 +335,6 @@ def gather_pages(rows: np.ndarray, numbers: np.ndarray, out: np.ndarray) -> tupl
     data = block[~zero]
     out[:len(data)] = data
     return zero, out[:len(data)]
-
-
-def _scatter(rows: np.ndarray, numbers: np.ndarray, source: np.ndarray | None) -> None:
-    """rows[numbers] = source's pages (in order), or zero when source is None."""
-    numbers = _checked_numbers(rows, numbers)
-    if source is not None and source.shape != (numbers.size, PAGE_SIZE):
-        raise ValueError(f"scatter: {source.shape[0]} pages of data for {numbers.size} page numbers")
-    c = _c_pages()
-    if c is None or not rows.flags.c_contiguous:
-        rows[numbers] = 0 if source is None else source
-        return
-    ffi, lib = c
-    lib.kvmpy_pages_scatter(ffi.from_buffer("uint8_t[]", rows, require_writable=True),
-                            ffi.from_buffer("int64_t[]", numbers), numbers.size,
-                            ffi.NULL if source is None else ffi.from_buffer("uint8_t[]", np.ascontiguousarray(source)))
 
 
 def _checked_numbers(rows: np.ndarray, numbers: Any) -> np.ndarray:

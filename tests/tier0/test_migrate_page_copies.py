@@ -109,6 +109,12 @@ def test_page_numbers_outside_the_range_copy_nothing(monkeypatch, with_c):
         scatter_pages(target, np.array([[3, 2, 1]]), b"")      # pages 3 and 4 of a 4-page range
     with pytest.raises(ValueError):
         scatter_pages(target, np.array([[0, 2, 0]]), bytes(PAGE_SIZE))     # 1 page of data for 2
+    with pytest.raises(ValueError):     # a good data run, then a zero run past the end: nothing placed
+        scatter_pages(target, np.array([[0, 1, 0], [3, 2, 1]]), bytes(PAGE_SIZE))
+    with pytest.raises(ValueError):     # data for no data run
+        scatter_pages(target, np.array([[0, 1, 1]]), bytes(PAGE_SIZE))
+    with pytest.raises(ValueError):     # a negative first page
+        scatter_pages(target, np.array([[-1, 1, 1]]), b"")
     assert target.all()
 
 
