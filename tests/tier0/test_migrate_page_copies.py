@@ -92,12 +92,17 @@ def test_scatter_equals_the_numpy_reference(data):
     assert np.array_equal(c[untouched], start[untouched])
 
 
-@pytest.mark.parametrize("with_c", [True, False])
-def test_page_numbers_outside_the_range_copy_nothing(monkeypatch, with_c):
-    if with_c:
+@pytest.fixture(params=["C", "numpy"])
+def copies(request, monkeypatch):
+    """Each test twice: with the C copies, and with numpy alone."""
+    if request.param == "C":
         _c_built()
     else:
         monkeypatch.setattr(pages_mod, "_C_PAGES", [None])
+
+
+@pytest.mark.usefixtures("copies")
+def test_page_numbers_outside_the_range_copy_nothing():
     rows = np.ones((4, PAGE_SIZE), dtype=np.uint8)
     out = np.zeros((2, PAGE_SIZE), dtype=np.uint8)
     for numbers in ([0, 4], [-1], [1, 2, 3]):        # past the end, negative, more than out holds
@@ -147,12 +152,8 @@ def test_pack_marked_equals_the_numpy_reference(data):
     assert pages_sent == (np.flatnonzero(mask) + first).tolist()
 
 
-@pytest.mark.parametrize("with_c", [True, False])
-def test_pack_marked_refuses_a_window_outside_the_range(monkeypatch, with_c):
-    if with_c:
-        _c_built()
-    else:
-        monkeypatch.setattr(pages_mod, "_C_PAGES", [None])
+@pytest.mark.usefixtures("copies")
+def test_pack_marked_refuses_a_window_outside_the_range():
     ram = np.ones(4 * PAGE_SIZE, dtype=np.uint8)
     scratch = np.zeros((2, PAGE_SIZE), dtype=np.uint8)
     for first, size in ((3, 2), (-1, 1), (5, 0)):
