@@ -285,8 +285,9 @@ def pack_marked(view: np.ndarray, mask: np.ndarray, first: int, chunk_pages: int
     rows = view.reshape(-1, PAGE_SIZE)
     if first < 0 or first + mask.size > rows.shape[0]:
         raise ValueError(f"pack_marked: pages {first}+{mask.size} outside the range's {rows.shape[0]}")
-    if scratch.shape[0] < chunk_pages or scratch.shape[1:] != (PAGE_SIZE,) or not scratch.flags.c_contiguous:
-        raise ValueError(f"pack_marked: scratch {scratch.shape} cannot hold {chunk_pages} pages")
+    if chunk_pages < 1 or scratch.shape[0] < chunk_pages or scratch.shape[1:] != (PAGE_SIZE,) or \
+            not scratch.flags.c_contiguous:
+        raise ValueError(f"pack_marked: chunks of {chunk_pages} pages in a scratch of {scratch.shape}")
     c = _c_pages()
     if c is None or not rows.flags.c_contiguous:
         for table, data in gathered_chunks(view, run_table(mask, first), chunk_pages, scratch):
@@ -302,11 +303,10 @@ def pack_marked(view: np.ndarray, mask: np.ndarray, first: int, chunk_pages: int
     at, n = 0, mask.size
     while at < n:
         h[0] = 0
-        used = lib.kvmpy_pages_pack(base, marks + at, n - at, first + at, chunk_pages, ZERO_RUN, out, table_ptr, result, h)
-        at += used
+        at += lib.kvmpy_pages_pack(base, marks + at, n - at, first + at, chunk_pages, ZERO_RUN, out, table_ptr,
+                                   result, h)
         if result[2]:
             yield table[:result[1]], scratch[:result[0]], int(h[0])
-
 
 
 def gather_pages(rows: np.ndarray, numbers: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -147,8 +147,9 @@ def test_pack_marked_equals_the_numpy_reference(data):
         assert np.array_equal(held, held_ref)
         assert h == h_ref == (data_hash(0, held) if held.size else 0)
         for page, count in table:
-            pages_sent += range(page, page + (count & ~ZERO_RUN))
-            assert rows[page:page + (count & ~ZERO_RUN)].any(axis=1).tolist() == [not count & ZERO_RUN] * (count & ~ZERO_RUN)
+            run = rows[page:page + (count & ~ZERO_RUN)]
+            pages_sent += range(page, page + len(run))
+            assert run.any(axis=1).tolist() == [not count & ZERO_RUN] * len(run)
     assert pages_sent == (np.flatnonzero(mask) + first).tolist()
 
 
@@ -159,6 +160,7 @@ def test_pack_marked_refuses_a_window_outside_the_range():
     for first, size in ((3, 2), (-1, 1), (5, 0)):
         with pytest.raises(ValueError):
             list(pack_marked(ram, np.ones(size, dtype=bool), first, 2, scratch))
-    with pytest.raises(ValueError):         # a scratch smaller than a chunk
-        list(pack_marked(ram, np.ones(4, dtype=bool), 0, 3, scratch))
+    for chunk_pages in (3, 0):              # a scratch smaller than a chunk; empty chunks
+        with pytest.raises(ValueError):
+            list(pack_marked(ram, np.ones(4, dtype=bool), 0, chunk_pages, scratch))
     assert not scratch.any()
