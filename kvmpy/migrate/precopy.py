@@ -44,7 +44,7 @@ from kvmpy.migrate.converge import (BANDWIDTH_WINDOW_BYTES, SWITCH_PAGES, THROTT
 from kvmpy.migrate.codec import prepare_classes
 from kvmpy.migrate.downtime import collector_paused
 from kvmpy.migrate.info import migration_info
-from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages, run_table
+from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages
 from kvmpy.migrate.receive import receive_memory_and_state  # noqa: F401  (re-exported: the other side)
 from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
 
@@ -342,13 +342,12 @@ class Precopy:
                                                    if s < (first + count) * PAGE_SIZE and s + n > first * PAGE_SIZE]
                 scan_at = time.monotonic()
                 mask = nonzero_pages(np.frombuffer(piece, dtype=np.uint8), window)
-                page_runs = run_table(mask, first)
                 scan_s += time.monotonic() - scan_at
-                sent = int(mask.sum())
+                sent = int(np.count_nonzero(mask))
                 self.normal_pages += sent
                 self.zero_pages += count - sent
-                if page_runs.size:      # scanned just now (a page the guest zeroed since may go either way)
-                    writer.write_pages(r.gpa, buffer, page_runs, nonzero=True)
+                if sent:    # copied and tested again as sent: one the guest zeroed since goes as a zero run
+                    writer.write_marked(r.gpa, buffer, mask, first)
         sent_at = time.monotonic()
         self._catch_up(writer)
         elapsed = max(time.monotonic() - started, 1e-6)

@@ -286,10 +286,7 @@ class StreamWriter:
         a second scan (one that turned zero since is sent as data: harmless); many runs, and any
         pages copied while the guest runs, are gathered and tested as the gather copies them
         (pages.gather_pages)."""
-        self._check_open()
-        if self.sparse:
-            raise MigrationError("writing guest memory", detail="write_pages needs the run layout")
-        [(gpa, view)] = check_ranges([(gpa, buffer)], "writing guest memory")
+        view = self._run_view(gpa, buffer)
         pages = view.size // PAGE_SIZE
         table = np.asarray(page_runs if isinstance(page_runs, np.ndarray) else list(page_runs),
                            dtype=np.int64).reshape(-1, 2)
@@ -300,8 +297,6 @@ class StreamWriter:
         # Many runs, or pages a running guest may write (they are copied anyway): one gather,
         # whose zero test rides on the copy (scanned or not), against a scan and a join per run.
         if len(table) > FEW_RUNS or self.copy_pages:
-            if view.size // PAGE_SIZE >= ZERO_RUN:
-                raise MigrationError("writing guest memory", detail=f"range at {gpa:#x} is too large")
             for chunk_table, data in gathered_chunks(view, table, self.chunk_pages, self._scratch()):
                 self._write_chunk(gpa, chunk_table, [memoryview(data.reshape(-1))] if data.size else [], copied=True)
             return
@@ -320,17 +315,23 @@ class StreamWriter:
         """The pages `first + i` of one range whose mask[i] is set, as write_pages sends them
         for a running guest (gathered, each copy tested for zero and hashed): a dirty pass's
         pages straight from the tracker's mask, one C call a chunk (pages.pack_marked)."""
-        self._check_open()
-        if self.sparse:
-            raise MigrationError("writing guest memory", detail="write_marked needs the run layout")
-        [(gpa, view)] = check_ranges([(gpa, buffer)], "writing guest memory")
-        if view.size // PAGE_SIZE >= ZERO_RUN:
-            raise MigrationError("writing guest memory", detail=f"range at {gpa:#x} is too large")
+        view = self._run_view(gpa, buffer)
         if first < 0 or first + len(mask) > view.size // PAGE_SIZE:
             raise MigrationError("writing guest memory", detail=f"pages {first}+{len(mask)} outside the range's "
                                                                  f"{view.size // PAGE_SIZE}")
         for table, data, h in pack_marked(view, mask, first, self.chunk_pages, self._scratch()):
             self._write_chunk(gpa, table, [memoryview(data.reshape(-1))] if data.size else [], copied=True, h=h)
+
+    def _run_view(self, gpa: int, buffer: Any) -> np.ndarray:
+        """A RAM range's bytes for write_pages/write_marked, checked: the run layout, a range whose
+        page numbers fit a run table's entries."""
+        self._check_open()
+        if self.sparse:
+            raise MigrationError("writing guest memory", detail="pages by run table need the run layout")
+        [(gpa, view)] = check_ranges([(gpa, buffer)], "writing guest memory")
+        if view.size // PAGE_SIZE >= ZERO_RUN:
+            raise MigrationError("writing guest memory", detail=f"range at {gpa:#x} is too large")
+        return view
 
     def _scratch(self) -> np.ndarray:
         """The gather buffer, kept across passes (a fresh one per chunk faults in 4 MiB each time)."""
