@@ -19,8 +19,10 @@ Exactly one copy runs at every instant: the source resumes on any failure before
 (connection cut, destination dead or refusing, cancel); the destination starts only after GO,
 which the source sends once it has stopped for good. Replies are one ASCII line each.
 
-STATE goes before the last pages: the destination decodes and restores it while they travel,
-where after them it was ~50 ms of the downtime in L1 (a destination also takes the older order).
+STATE goes before most of the last pages: the destination decodes and restores it while they
+travel, where after them it was ~50 ms of the downtime in L1 (a destination also takes the older
+order). It is captured on a thread while the first of them go out (downtime.StateCapture) and
+written between two of their chunks once ready.
 
 Why SYNC: when a pass ends the socket buffers hold megabytes the destination has not applied;
 unwaited, the switchover paid for them (most of an idle guest's 800 ms downtime in L1) and the
@@ -42,7 +44,7 @@ from kvmpy.migrate.converge import (BANDWIDTH_WINDOW_BYTES, SWITCH_PAGES, THROTT
                                     BandwidthMeter, converged, dirtied_faster_than_sent, dirty_windows,
                                     expected_downtime_ms, next_throttle, runqueue_wait_s, worth_another_pass)
 from kvmpy.migrate.codec import prepare_classes
-from kvmpy.migrate.downtime import collector_paused
+from kvmpy.migrate.downtime import StateCapture, collector_paused
 from kvmpy.migrate.info import migration_info
 from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages
 from kvmpy.migrate.receive import receive_memory_and_state  # noqa: F401  (re-exported: the other side)
@@ -114,6 +116,7 @@ class Precopy:
         self.monitor_gate = monitor_gate
         self._gate = ExitStack()
         self._syncs_sent = 0
+        self._capture: StateCapture | None = None   # the switchover's STATE, captured on a thread
 
     # -- queries --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -216,10 +219,13 @@ class Precopy:
             writer.chunk_pages = SWITCHOVER_CHUNK_PAGES
             channel.max_bandwidth = 0           # the guest is stopped: no reason to hold back now
             marks = [time.monotonic()]          # where the downtime goes: logged at the end
-            writer.write_section(SectionKind.STATE, source.state())     # first: see the docstring
-            marks.append(time.monotonic())
+            capture = self._capture = StateCapture(source.state)    # on a thread: see the docstring
             self.remaining_pages = source.tracker.sync()
             last_pages = self.remaining_pages
+            self._dirty_pass(writer, last=True, after_chunk=lambda: capture.write_if_ready(writer))
+            marks.append(time.monotonic())
+            capture.write(writer)
+            self.remaining_pages = 0        # what the capture itself wrote into RAM (kvmpy's own marks)
             self._dirty_pass(writer, last=True)
             if block is not None:           # the disks were flushed by pause(): the last blocks
                 block.sync()
@@ -252,13 +258,15 @@ class Precopy:
                     block.stop()
             self.total_ms = int((time.monotonic() - self.started) * 1000)
             self._set_status("completed")
-            log.info("migrated: %d passes, %d pages sent, %d zero, downtime %d ms (pause %.0f, state %.0f, last "
-                     "%d pages %.0f, destination's load after them %.0f ms), total %d ms", self.passes,
-                     self.normal_pages, self.zero_pages, self.downtime_ms, (marks[0] - paused_at) * 1000,
-                     (marks[1] - marks[0]) * 1000, last_pages, (marks[2] - marks[1]) * 1000,
-                     (marks[3] - marks[2]) * 1000, self.total_ms)
+            log.info("migrated: %d passes, %d pages sent, %d zero, downtime %d ms (pause %.0f, last %d pages %.0f "
+                     "with the state captured meanwhile, after them %.0f, destination's load after that %.0f ms), "
+                     "total %d ms", self.passes, self.normal_pages, self.zero_pages, self.downtime_ms,
+                     (marks[0] - paused_at) * 1000, last_pages, (marks[1] - marks[0]) * 1000,
+                     (marks[2] - marks[1]) * 1000, (marks[3] - marks[2]) * 1000, self.total_ms)
             return self.stats()
         except BaseException as exc:
+            if self._capture is not None:   # the state's capture holds the machine's lock: let it end
+                self._capture.join()
             self._gate.close()
             self._downtime.close()
             original = exc
@@ -372,9 +380,11 @@ class Precopy:
         if word != SYNCED:
             raise MigrationError("the destination answered", detail=f"{word[:40]!r} instead of SYNCED")
 
-    def _dirty_pass(self, writer: StreamWriter, last: bool = False) -> int:
+    def _dirty_pass(self, writer: StreamWriter, last: bool = False,
+                    after_chunk: Callable[[], None] | None = None) -> int:
         """Send what `sync` found, chunk by chunk, clearing each chunk just before sending it
-        (`last`: the switchover's, whose pages KVM need not write-protect again: DirtyTracker.take)."""
+        (`last`: the switchover's, whose pages KVM need not write-protect again: DirtyTracker.take;
+        `after_chunk`: StreamWriter.write_marked's)."""
         before = self.channel.bytes_sent
         memory, tracker = self.source.memory, self.source.tracker
         # a small set (the passes near the switchover, the switchover's own) in one take per range:
@@ -394,5 +404,5 @@ class Precopy:
                 taken = int(np.count_nonzero(dirty))
                 if taken:
                     self.normal_pages += taken
-                    writer.write_marked(r.gpa, buffer, dirty, first)
+                    writer.write_marked(r.gpa, buffer, dirty, first, after_chunk)
         return self.channel.bytes_sent - before

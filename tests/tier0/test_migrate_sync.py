@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
+import threading
 
 import pytest
 
@@ -172,21 +173,24 @@ def test_pages_known_nonzero_go_as_data_without_a_second_scan():
         memory.close()
 
 
-# -- one more pass while it halves the dirty set ------------------------------------------------
-def test_worth_another_pass_while_the_dirty_set_halves():
+# -- one more pass while it shrinks the dirty set by a quarter -----------------------------------
+def test_worth_another_pass_while_the_dirty_set_shrinks_by_a_quarter():
     from kvmpy.migrate.converge import SWITCH_PAGES, worth_another_pass
     assert worth_another_pass(400, 1300) and worth_another_pass(150, 400)
-    assert not worth_another_pass(100, 150)                 # stopped halving: the working set
+    assert worth_another_pass(3285, 4642)                   # 0.71 (L1, 32 MiB rewritten): once left undone
+    assert worth_another_pass(750, 1000) and not worth_another_pass(751, 1000)
+    assert not worth_another_pass(3783, 3849)               # stopped shrinking: the working set
     assert not worth_another_pass(SWITCH_PAGES, 10 ** 6)    # tiny: goes at the switchover
 
 
 @pytest.mark.parametrize("start", [10 ** 6, 300, 65])
-def test_passes_worth_doing_are_bounded_by_halving(start):
-    from kvmpy.migrate.converge import worth_another_pass
+def test_passes_worth_doing_are_bounded(start):
+    import math
+    from kvmpy.migrate.converge import SHRINK_DENOMINATOR, SHRINK_NUMERATOR, worth_another_pass
     left, previous, passes = start, 10 ** 7, 0
-    while worth_another_pass(left, previous):   # the best case for passes: every pass halves
-        previous, left, passes = left, left // 2, passes + 1
-    assert passes <= max(0, start.bit_length())
+    while worth_another_pass(left, previous):   # the most passes: every one shrinks just enough
+        previous, left, passes = left, left * SHRINK_NUMERATOR // SHRINK_DENOMINATOR, passes + 1
+    assert passes <= 1 + math.log(start, SHRINK_DENOMINATOR / SHRINK_NUMERATOR)
 
 
 class ScriptedGuest:
@@ -206,23 +210,72 @@ class ScriptedGuest:
         return getattr(self.inner, name)
 
 
-def test_a_fitting_dirty_set_gets_more_passes_while_they_halve_it():
+def test_a_fitting_dirty_set_gets_more_passes_while_they_shrink_it():
     a, b = socket.socketpair()
     source = FakeSource(0)
     for page in range(100, 1000):                   # a first pass of ~900 pages
         source.memory.write(page * PAGE, b"data %d" % page)
-    source.tracker = ScriptedGuest(source, [400, 150, 100])
+    source.tracker = ScriptedGuest(source, [400, 150, 120])
     dest = SyncingDestination(b)
     dest.start()
-    # everything fits 10^6 ms: only the halving rule makes passes
+    # everything fits 10^6 ms: only the shrinking rule makes passes
     engine = Precopy(source, Channel(a, io_timeout_s=5.0), {"downtime-limit": 10 ** 6, "max-bandwidth": 0},
                      reply_timeout_s=10.0)
     try:
         stats = engine.run()
         dest.join(10)
         assert dest.error is None and dest.ram == source.ram_at_switchover
-        # 400 <= 900/2: a pass; 150 <= 400/2: a pass; 100 > 150/2: switch with those 100
+        # 400 <= 900*3/4: a pass; 150 <= 400*3/4: a pass; 120 > 150*3/4: switch with those 120
         assert stats["ram"]["dirty-sync-count"] == 2
+    finally:
+        a.close()
+        source.close()
+
+
+class StateWritingSource(FakeSource):
+    """A source whose last dirty set spans many switchover chunks, and whose state capture
+    writes guest RAM itself (through GuestMemory: kvmpy's own write, a userspace mark)."""
+
+    def pause(self) -> None:
+        for page in range(0, 900):              # dirtied just before the pause: 4 switchover chunks
+            self.memory.write(page * PAGE, b"late %d" % page)
+        super().pause()
+
+    first_chunk_read = None     # set by the test: the destination read a chunk of the last pages
+
+    def state(self) -> bytes:
+        assert self.first_chunk_read.wait(10)      # the last pages are taken: a write now is unseen by them
+        self.memory.write(1000 * PAGE, b"written by the state's capture")
+        self.ram_at_switchover = hashlib.sha256(self.memory.buffer(0, RAM)).hexdigest()
+        return super().state()
+
+
+def test_the_state_captured_during_the_last_pages_and_what_it_wrote_arrive():
+    a, b = socket.socketpair()
+    source = StateWritingSource(0, per_sync=40, syncs=1)
+    dest = SyncingDestination(b)
+    source.first_chunk_read = threading.Event()
+    kinds = dest.kinds
+
+    class Watched(list):
+        def append(self, kind):
+            super().append(kind)
+            if kind is SectionKind.MEMORY_RUNS and SectionKind.SYNC in self and source.paused:
+                source.first_chunk_read.set()
+    dest.kinds = Watched(kinds)
+    dest.start()
+    engine = Precopy(source, Channel(a, io_timeout_s=5.0), {"downtime-limit": 10 ** 6, "max-bandwidth": 0},
+                     reply_timeout_s=10.0)
+    try:
+        engine.run()
+        dest.join(10)
+        assert dest.error is None and dest.go
+        assert dest.ram == source.ram_at_switchover     # the capture's own write included
+        last_sync = max(i for i, k in enumerate(dest.kinds) if k is SectionKind.SYNC)
+        tail = dest.kinds[last_sync + 1:]
+        assert tail.count(SectionKind.STATE) == 1
+        assert set(tail) == {SectionKind.MEMORY_RUNS, SectionKind.STATE}
+        assert tail.count(SectionKind.MEMORY_RUNS) >= 900 // 256
     finally:
         a.close()
         source.close()
