@@ -40,6 +40,7 @@ from migrate_ticks import WHOLE_TICK, continuation_problem  # noqa: E402
 from netns import TwoHosts, in_ns, wait_listening  # noqa: E402  (tier 2's two hosts)
 from snapshot_bench import Lines  # noqa: E402
 
+from kvmpy.migrate.precopy import SOURCE_DOWNTIME_LOGGED  # noqa: E402
 from kvmpy.monitor.client import QmpClient  # noqa: E402
 from kvmpy.nested import tier2  # noqa: E402
 from kvmpy.nested.images import build_guest_initramfs  # noqa: E402
@@ -63,7 +64,7 @@ def guest_script(workload: str) -> str:
 def vmm_argv(vmm: str, kernel: Path, initrd: Path, append: str, memory: int) -> list[str]:
     if vmm == "qemu":
         return tier2.qemu_guest_argv(kernel, initrd, append, memory_mib=memory, cpus=2)
-    # INFO: the source's "migrated: ... downtime (pause, state, last pages, destination's load)"
+    # INFO: the source's "migrated: ... downtime (pause, last pages, then, destination's load)"
     # breakdown and the destination's own timings, printed below the round
     return tier2.kvmpy_guest_argv(kernel, initrd, append, memory=f"{memory}M") + ["--smp", "2",
                                                                                   "--log-level", "info"]
@@ -173,8 +174,9 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
         for line in TIMINGS.findall(lines.buf):
             print(f"{vmm} {where}: {line.decode(errors='replace').strip()}", flush=True)
     source_ms = info.get("downtime")     # QEMU's own figure is the source's part
-    if vmm == "kvmpy" and (m := KVMPY_DOWNTIME.search(src.buf)):
-        source_ms = round(sum(float(x) for x in m.groups()))
+    if vmm == "kvmpy":      # no breakdown in the log (its wording changed?): "-", never the whole downtime
+        m = SOURCE_DOWNTIME_LOGGED.search(src.buf)
+        source_ms = round(sum(float(x) for x in m.groups())) if m else None
     return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"), "paused_ms": paused_ms,
             "source_ms": source_ms, "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count"),
             "dst_cpu": dst_cpu}
@@ -190,11 +192,6 @@ def process_cpu(pid: int) -> str | None:
         return None
     tick = os.sysconf("SC_CLK_TCK")
     return f"{int(fields[11]) / tick:.1f}+{int(fields[12]) / tick:.1f} s"
-
-
-# kvmpy's breakdown: pause, last pages and state are the source's part (to the stream's last
-# byte), what QEMU's downtime counts; the destination's load follows
-KVMPY_DOWNTIME = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), state ([\d.]+), last \d+ pages ([\d.]+),")
 
 
 def round_overdue(signum: int, frame: object) -> None:

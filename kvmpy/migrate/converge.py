@@ -3,10 +3,13 @@ link, and how a large dirty pass is cut into takes: the arithmetic of kvmpy.migr
 apart so it is tested (and read) on its own."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kvmpy.migrate.pages import PAGE_SIZE
 from kvmpy.migrate.stream import CHUNK_PAGES
+
+log = logging.getLogger(__name__)
 
 
 def expected_downtime_ms(remaining_pages: int, bandwidth: float, fixed_ms: float = 0.0) -> float:
@@ -102,6 +105,36 @@ def next_throttle(current: int, params: dict[str, Any]) -> int:
     p = {**THROTTLE_DEFAULTS, **params}
     pct = p["cpu-throttle-initial"] if current == 0 else current + p["cpu-throttle-increment"]
     return max(0, min(int(pct), int(p["max-cpu-throttle"]), 99))
+
+
+class AutoConverge:
+    """auto-converge: after two passes in which the guest dirtied more than the trigger share of
+    what was sent, slow its vCPUs down a step (and again after every two more), through the
+    source's throttle(percent) where it has one; `percent` is query-migrate's
+    cpu-throttle-percentage."""
+
+    def __init__(self, source: Any, params: dict[str, Any]):
+        self.source, self.params = source, params
+        self.percent = 0
+        self._high_dirty_passes = 0
+
+    def after_pass(self, dirty_bytes: int, sent_bytes: int) -> None:
+        if not dirtied_faster_than_sent(dirty_bytes, sent_bytes, self.params):
+            return
+        self._high_dirty_passes += 1
+        if self._high_dirty_passes >= 2:
+            self._high_dirty_passes = 0
+            self.set(next_throttle(self.percent, self.params))
+
+    def set(self, percent: int) -> None:
+        if percent == self.percent:
+            return
+        self.percent = percent
+        throttle = getattr(self.source, "throttle", None)
+        if callable(throttle):
+            throttle(percent)
+        if percent:
+            log.info("migration: auto-converge throttles the vCPUs by %d%%", percent)
 
 
 def dirtied_faster_than_sent(dirty_bytes: int, sent_bytes: int, params: dict[str, Any]) -> bool:

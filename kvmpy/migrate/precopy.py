@@ -31,6 +31,7 @@ bandwidth deciding the switch counted bytes into a buffer, not into the destinat
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import ExitStack
 from typing import Any, Callable, Protocol
@@ -41,7 +42,7 @@ from kvmpy.errors import KvmpyError, MigrationError
 from kvmpy.migrate.channel import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUSE, REPLY_TIMEOUT_S,  # noqa: F401
                                    SYNCED, Cancelled, Channel)     # (re-exported)
 from kvmpy.migrate.converge import (BANDWIDTH_WINDOW_BYTES, SWITCH_PAGES, THROTTLE_DEFAULTS,  # noqa: F401
-                                    BandwidthMeter, converged, dirtied_faster_than_sent, dirty_windows,
+                                    AutoConverge, BandwidthMeter, converged, dirtied_faster_than_sent, dirty_windows,  # noqa: F401
                                     expected_downtime_ms, next_throttle, runqueue_wait_s, worth_another_pass)
 from kvmpy.migrate.codec import prepare_classes
 from kvmpy.migrate.downtime import StateCapture, collector_paused
@@ -52,6 +53,8 @@ from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
 
 log = logging.getLogger(__name__)
 
+# the source's part of the downtime in the "migrated:" line: pause, last pages, then (bench-migrate)
+SOURCE_DOWNTIME_LOGGED = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), last \d+ pages ([\d.]+) [^,]*, then ([\d.]+),")
 WHOLE_RANGE_PAGES = 4096            # a dirty set this small is taken and sent a range at a time
 SWITCHOVER_CHUNK_PAGES = 256        # the paused guest's last pages go in chunks this small (StreamWriter.chunk_pages)
 
@@ -87,8 +90,7 @@ class Precopy:
             from kvmpy.migrate.block import BlockCopy
             disks = getattr(source, "block_disks", None)
             self.block = BlockCopy(disks() if callable(disks) else [])
-        self.throttle = 0                   # cpu-throttle-percentage
-        self._high_dirty_passes = 0
+        self.throttler = AutoConverge(source, self.params)
         self.downtime_limit_ms = float(params.get("downtime-limit", 300))
         self.max_bandwidth = int(params.get("max-bandwidth", 0))
         self.channel.max_bandwidth = self.max_bandwidth
@@ -187,7 +189,7 @@ class Precopy:
                     break
                 previous_left = left
                 if self.auto_converge and self.passes and not fits:
-                    self._maybe_throttle(left * PAGE_SIZE, sent)
+                    self.throttler.after_pass(left * PAGE_SIZE, sent)
                 sending_at, waited_at = time.monotonic(), runqueue_wait_s()
                 sent = self._dirty_pass(writer)
                 if block is not None:
@@ -206,7 +208,7 @@ class Precopy:
                          (synced_at + elapsed - sent_at) * 1000, self.bandwidth / 1e6,
                          self._switch_bandwidth() / 1e6, self.expected_ms)
             # switchover
-            self._set_throttle(0)
+            self.throttler.set(0)
             source.check()
             if self.monitor_gate is not None:   # first: a command running now finishes before the pause
                 self._gate.enter_context(self.monitor_gate)
@@ -259,7 +261,7 @@ class Precopy:
             self.total_ms = int((time.monotonic() - self.started) * 1000)
             self._set_status("completed")
             log.info("migrated: %d passes, %d pages sent, %d zero, downtime %d ms (pause %.0f, last %d pages %.0f "
-                     "with the state captured meanwhile, after them %.0f, destination's load after that %.0f ms), "
+                     "(the state captured meanwhile), then %.0f, destination's load after the last byte %.0f ms), "
                      "total %d ms", self.passes, self.normal_pages, self.zero_pages, self.downtime_ms,
                      (marks[0] - paused_at) * 1000, last_pages, (marks[1] - marks[0]) * 1000,
                      (marks[2] - marks[1]) * 1000, (marks[3] - marks[2]) * 1000, self.total_ms)
@@ -271,7 +273,7 @@ class Precopy:
             self._downtime.close()
             original = exc
             self.total_ms = int((time.monotonic() - self.started) * 1000)
-            self._set_throttle(0)
+            self.throttler.set(0)
             if isinstance(exc, KvmpyError) and not isinstance(exc, Cancelled):
                 try:                # an ioctl on a VM (a read of a disk) a guest reboot closed
                     source.check()
@@ -292,26 +294,6 @@ class Precopy:
                 raise exc from None
             raise
 
-    def _maybe_throttle(self, dirty_bytes: int, sent_bytes: int) -> None:
-        """auto-converge: after two passes in which the guest dirtied more than the trigger
-        share of what was sent, slow its vCPUs down a step (and again on every later one)."""
-        if not dirtied_faster_than_sent(dirty_bytes, sent_bytes, self.params):
-            return
-        self._high_dirty_passes += 1
-        if self._high_dirty_passes >= 2:
-            self._high_dirty_passes = 0
-            self._set_throttle(next_throttle(self.throttle, self.params))
-
-    def _set_throttle(self, percent: int) -> None:
-        if percent == self.throttle:
-            return
-        self.throttle = percent
-        throttle = getattr(self.source, "throttle", None)
-        if callable(throttle):
-            throttle(percent)
-        if percent:
-            log.info("migration: auto-converge throttles the vCPUs by %d%%", percent)
-
     def _measure(self, sent: int, elapsed: float, waited_at: float | None = None) -> None:
         """One pass into the meter (converge.BandwidthMeter); `waited_at`: runqueue_wait_s() when
         the pass began."""
@@ -319,6 +301,11 @@ class Precopy:
         if waited_at is not None and (now := runqueue_wait_s()) is not None:
             waited = now - waited_at
         self.meter.measure(sent, elapsed, waited)
+
+    @property
+    def throttle(self) -> int:
+        """cpu-throttle-percentage (auto-converge's, 0 without it)."""
+        return self.throttler.percent
 
     @property
     def bandwidth(self) -> float:

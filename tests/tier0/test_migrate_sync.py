@@ -15,8 +15,8 @@ from kvmpy.errors import MigrationError
 from kvmpy.memslots import GuestMemory
 from kvmpy.migrate.codec import encode_state
 from kvmpy.migrate.decoder import decode_state
-from kvmpy.migrate.precopy import (ACCEPT, GO, LOADED, OFFER_SYNC, SYNCED, Channel, Precopy,
-                                   receive_memory_and_state)
+from kvmpy.migrate.precopy import (ACCEPT, GO, LOADED, OFFER_SYNC, SOURCE_DOWNTIME_LOGGED, SYNCED, Channel,
+                                   Precopy, receive_memory_and_state)
 from kvmpy.migrate.reader import StreamReader
 from kvmpy.migrate.stream import SYNC_PAYLOAD, SectionKind, StreamWriter
 
@@ -250,7 +250,8 @@ class StateWritingSource(FakeSource):
         return super().state()
 
 
-def test_the_state_captured_during_the_last_pages_and_what_it_wrote_arrive():
+def test_the_state_captured_during_the_last_pages_and_what_it_wrote_arrive(caplog):
+    caplog.set_level("INFO", logger="kvmpy.migrate.precopy")
     a, b = socket.socketpair()
     source = StateWritingSource(0, per_sync=40, syncs=1)
     dest = SyncingDestination(b)
@@ -276,6 +277,9 @@ def test_the_state_captured_during_the_last_pages_and_what_it_wrote_arrive():
         assert tail.count(SectionKind.STATE) == 1
         assert set(tail) == {SectionKind.MEMORY_RUNS, SectionKind.STATE}
         assert tail.count(SectionKind.MEMORY_RUNS) >= 900 // 256
+        # bench-migrate reads the source's part of the downtime from the log
+        [done] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("migrated:")]
+        assert SOURCE_DOWNTIME_LOGGED.search(done.encode()), done
     finally:
         a.close()
         source.close()
