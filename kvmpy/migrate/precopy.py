@@ -45,7 +45,7 @@ from kvmpy.migrate.converge import (BANDWIDTH_WINDOW_BYTES, SWITCH_PAGES, THROTT
                                     AutoConverge, BandwidthMeter, converged, dirtied_faster_than_sent, dirty_windows,  # noqa: F401
                                     expected_downtime_ms, next_throttle, runqueue_wait_s, worth_another_pass)
 from kvmpy.migrate.codec import prepare_classes
-from kvmpy.migrate.downtime import StateCapture, collector_paused
+from kvmpy.migrate.downtime import StateCapture, collector_paused, quick_gil_handoffs
 from kvmpy.migrate.info import migration_info
 from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages
 from kvmpy.migrate.receive import receive_memory_and_state  # noqa: F401  (re-exported: the other side)
@@ -214,6 +214,7 @@ class Precopy:
                 self._gate.enter_context(self.monitor_gate)
             paused_at = time.monotonic()
             self._downtime.enter_context(collector_paused())    # no garbage collection until LOADED
+            self._downtime.enter_context(quick_gil_handoffs())  # the state's capture overlaps the pages
             source.pause()
             paused = True
             self._set_status("device")

@@ -93,3 +93,17 @@ def test_a_failed_capture_is_raised_on_the_migration_thread_and_nothing_written(
     with pytest.raises(MigrationError, match="rebooted"):
         state.write_if_ready(writer)
     assert writer.sections == [] and not state.written
+
+
+def test_gil_handoffs_are_quick_inside_windows_and_as_before_after():
+    import sys
+    from kvmpy.migrate.downtime import SWITCHOVER_SWITCH_INTERVAL_S, quick_gil_handoffs
+    before = sys.getswitchinterval()
+    first, second = quick_gil_handoffs(), quick_gil_handoffs()
+    first.__enter__()
+    second.__enter__()
+    assert sys.getswitchinterval() <= SWITCHOVER_SWITCH_INTERVAL_S < before
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() <= SWITCHOVER_SWITCH_INTERVAL_S     # the other window still open
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
