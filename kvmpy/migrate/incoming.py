@@ -19,7 +19,7 @@ from kvmpy.machine.snapshot import MachineState, _host_cpuid, check_identity, ch
 from kvmpy.memslots import GuestMemory
 from kvmpy.migrate import decoder
 from kvmpy.migrate.decoder import decode_state
-from kvmpy.migrate.downtime import Overlapped, collector_paused, quick_gil_handoffs
+from kvmpy.migrate.downtime import collector_paused
 from kvmpy.migrate.live import ACCEPT_TIMEOUT_S, DISK_LOCK_TIMEOUT_S, _disks, _drives, accept_one
 from kvmpy.migrate.precopy import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUSE, REPLY_TIMEOUT_S, SYNCED,
                                    receive_memory_and_state)
@@ -78,24 +78,17 @@ def incoming_live(machine: "Machine", uri: str, accept_timeout_s: float = ACCEPT
 
 
 class _StateLoad:
-    """The machine state, decoded and restored on a thread of its own as soon as STATE arrives,
-    while the reader goes on placing the switchover's last pages (the restore reads no guest
-    RAM). Why a thread: in L1 the decode and restore were 28-50 ms in which the destination
-    read nothing, the source's last bytes waiting in the socket buffers. A failure is kept for
-    after the stream's end, where the source reads FAILED <why>."""
+    """The machine state, decoded and restored as soon as STATE arrives: the source sends it
+    before the switchover's last pages, which then travel meanwhile (the restore reads no guest
+    RAM). A failure is kept for after the stream's end, where the source reads FAILED <why>."""
 
     def __init__(self, machine: "Machine"):
         self.machine = machine
         self.error: KvmpyError | None = None
         self.decode_ms = self.restore_ms = 0.0
-        self._work: Overlapped | None = None
 
     def load(self, payload: bytes, downtime: ExitStack) -> None:
         downtime.enter_context(collector_paused())      # no garbage collection until LOADED
-        downtime.enter_context(quick_gil_handoffs())    # the restore overlaps the last pages
-        self._work = Overlapped(lambda: self._load(payload), "kvmpy-migrate-restore")
-
-    def _load(self, payload: bytes) -> None:
         started = time.monotonic()
         try:
             state = decode_state(payload)
@@ -107,19 +100,6 @@ class _StateLoad:
             self.decode_ms, self.restore_ms = (decoded - started) * 1000, (time.monotonic() - decoded) * 1000
         except KvmpyError as exc:
             self.error = exc
-
-    def join(self) -> None:
-        """Wait for the restore: nothing else touches the board while it runs (a failed stream
-        closes the board next)."""
-        if self._work is not None:
-            self._work.join()
-
-    def finish(self) -> None:
-        """After the stream's end: the restore done; what went wrong in it, raised."""
-        if self._work is not None:
-            self._work.result()         # anything but a KvmpyError (kept in `error`): a bug, raised
-        if self.error is not None:
-            raise self.error
 
 
 def _prepare(machine: "Machine") -> None:
@@ -188,22 +168,20 @@ def _receive(machine: "Machine", sock: socket.socket) -> tuple[float, float]:
     targets = [(r.gpa, machine.memory.buffer(r.gpa, r.size)) for r in machine.memory.ranges]
     loading = _StateLoad(machine)
     with ExitStack() as downtime:   # from STATE (the paused source's first section) to LOADED
-        try:
-            receive_memory_and_state(reader, targets, blocks.handle, lambda: _reply(sock, SYNCED),
-                                     on_state=lambda payload: loading.load(payload, downtime))
-            end_at = time.monotonic()
-        finally:
-            loading.join()
+        receive_memory_and_state(reader, targets, blocks.handle, lambda: _reply(sock, SYNCED),
+                                 on_state=lambda payload: loading.load(payload, downtime))
+        end_at = time.monotonic()
         try:
             blocks.finish()
-            loading.finish()
+            if loading.error is not None:
+                raise loading.error
         except KvmpyError as exc:
             _reply(sock, FAILED, str(exc))
             raise MigrationError("loading the migrated guest", detail=str(exc)) from None
         _reply(sock, LOADED)
     loaded_at = time.monotonic()
-    log.info("incoming: the state decoded in %.0f ms and restored in %.0f ms as the last pages arrived; loaded "
-             "%.0f ms after the stream's end", loading.decode_ms, loading.restore_ms, (loaded_at - end_at) * 1000)
+    log.info("incoming: the state decoded in %.0f ms and restored in %.0f ms as it arrived; loaded %.0f ms "
+             "after the stream's end", loading.decode_ms, loading.restore_ms, (loaded_at - end_at) * 1000)
     try:
         line = stream.readline(64)
     except OSError as exc:

@@ -19,10 +19,12 @@ Exactly one copy runs at every instant: the source resumes on any failure before
 (connection cut, destination dead or refusing, cancel); the destination starts only after GO,
 which the source sends once it has stopped for good. Replies are one ASCII line each.
 
-STATE goes before most of the last pages: the destination decodes and restores it while they
-travel, where after them it was ~50 ms of the downtime in L1 (a destination also takes the older
-order). It is captured on a thread while the first of them go out (downtime.StateCapture) and
-written between two of their chunks once ready.
+STATE goes before the last pages: the destination decodes and restores it while they travel,
+where after them it was ~50 ms of the downtime in L1 (a destination also takes the older order).
+Both ends do it on the migration thread, not beside the pages on a thread of its own: tried in
+L1 (2 CPUs), the Python work and the page thread shared the CPUs and the GIL; the last pages took
+0.10-0.13 ms a page instead of ~0.07 and the destination's decode and restore twice as long,
+more than the 24-65 ms of capture it hid (a shorter GIL switch interval did not change that).
 
 Why SYNC: when a pass ends the socket buffers hold megabytes the destination has not applied;
 unwaited, the switchover paid for them (most of an idle guest's 800 ms downtime in L1) and the
@@ -42,10 +44,10 @@ from kvmpy.errors import KvmpyError, MigrationError
 from kvmpy.migrate.channel import (ACCEPT, FAILED, GO, LOADED, OFFER_SYNC, REFUSE, REPLY_TIMEOUT_S,  # noqa: F401
                                    SYNCED, Cancelled, Channel)     # (re-exported)
 from kvmpy.migrate.converge import (BANDWIDTH_WINDOW_BYTES, SWITCH_PAGES, THROTTLE_DEFAULTS,  # noqa: F401
-                                    AutoConverge, BandwidthMeter, converged, dirtied_faster_than_sent, dirty_windows,  # noqa: F401
+                                    AutoConverge, BandwidthMeter, converged, dirtied_faster_than_sent, dirty_windows,
                                     expected_downtime_ms, next_throttle, runqueue_wait_s, worth_another_pass)
 from kvmpy.migrate.codec import prepare_classes
-from kvmpy.migrate.downtime import StateCapture, collector_paused, quick_gil_handoffs
+from kvmpy.migrate.downtime import collector_paused
 from kvmpy.migrate.info import migration_info
 from kvmpy.migrate.pages import PAGE_SIZE, nonzero_pages
 from kvmpy.migrate.receive import receive_memory_and_state  # noqa: F401  (re-exported: the other side)
@@ -53,8 +55,8 @@ from kvmpy.migrate.stream import CHUNK_PAGES, SectionKind, StreamWriter
 
 log = logging.getLogger(__name__)
 
-# the source's part of the downtime in the "migrated:" line: pause, last pages, then (bench-migrate)
-SOURCE_DOWNTIME_LOGGED = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), last \d+ pages ([\d.]+) [^,]*, then ([\d.]+),")
+# the source's part of the downtime in the "migrated:" line: pause, state, last pages (bench-migrate)
+SOURCE_DOWNTIME_LOGGED = re.compile(rb"downtime \d+ ms \(pause ([\d.]+), state ([\d.]+), last \d+ pages ([\d.]+),")
 WHOLE_RANGE_PAGES = 4096            # a dirty set this small is taken and sent a range at a time
 SWITCHOVER_CHUNK_PAGES = 256        # the paused guest's last pages go in chunks this small (StreamWriter.chunk_pages)
 
@@ -118,7 +120,6 @@ class Precopy:
         self.monitor_gate = monitor_gate
         self._gate = ExitStack()
         self._syncs_sent = 0
-        self._capture: StateCapture | None = None   # the switchover's STATE, captured on a thread
 
     # -- queries --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -214,7 +215,6 @@ class Precopy:
                 self._gate.enter_context(self.monitor_gate)
             paused_at = time.monotonic()
             self._downtime.enter_context(collector_paused())    # no garbage collection until LOADED
-            self._downtime.enter_context(quick_gil_handoffs())  # the state's capture overlaps the pages
             source.pause()
             paused = True
             self._set_status("device")
@@ -222,13 +222,10 @@ class Precopy:
             writer.chunk_pages = SWITCHOVER_CHUNK_PAGES
             channel.max_bandwidth = 0           # the guest is stopped: no reason to hold back now
             marks = [time.monotonic()]          # where the downtime goes: logged at the end
-            capture = self._capture = StateCapture(source.state)    # on a thread: see the docstring
+            writer.write_section(SectionKind.STATE, source.state())     # first: see the docstring
+            marks.append(time.monotonic())
             self.remaining_pages = source.tracker.sync()
             last_pages = self.remaining_pages
-            self._dirty_pass(writer, last=True, after_chunk=lambda: capture.write_if_ready(writer))
-            marks.append(time.monotonic())
-            capture.write(writer)
-            self.remaining_pages = 0        # what the capture itself wrote into RAM (kvmpy's own marks)
             self._dirty_pass(writer, last=True)
             if block is not None:           # the disks were flushed by pause(): the last blocks
                 block.sync()
@@ -261,15 +258,13 @@ class Precopy:
                     block.stop()
             self.total_ms = int((time.monotonic() - self.started) * 1000)
             self._set_status("completed")
-            log.info("migrated: %d passes, %d pages sent, %d zero, downtime %d ms (pause %.0f, last %d pages %.0f "
-                     "(the state captured meanwhile), then %.0f, destination's load after the last byte %.0f ms), "
-                     "total %d ms", self.passes, self.normal_pages, self.zero_pages, self.downtime_ms,
-                     (marks[0] - paused_at) * 1000, last_pages, (marks[1] - marks[0]) * 1000,
-                     (marks[2] - marks[1]) * 1000, (marks[3] - marks[2]) * 1000, self.total_ms)
+            log.info("migrated: %d passes, %d pages sent, %d zero, downtime %d ms (pause %.0f, state %.0f, last "
+                     "%d pages %.0f, destination's load after them %.0f ms), total %d ms", self.passes,
+                     self.normal_pages, self.zero_pages, self.downtime_ms, (marks[0] - paused_at) * 1000,
+                     (marks[1] - marks[0]) * 1000, last_pages, (marks[2] - marks[1]) * 1000,
+                     (marks[3] - marks[2]) * 1000, self.total_ms)
             return self.stats()
         except BaseException as exc:
-            if self._capture is not None:   # the state's capture holds the machine's lock: let it end
-                self._capture.join()
             self._gate.close()
             self._downtime.close()
             original = exc
@@ -368,11 +363,9 @@ class Precopy:
         if word != SYNCED:
             raise MigrationError("the destination answered", detail=f"{word[:40]!r} instead of SYNCED")
 
-    def _dirty_pass(self, writer: StreamWriter, last: bool = False,
-                    after_chunk: Callable[[], None] | None = None) -> int:
+    def _dirty_pass(self, writer: StreamWriter, last: bool = False) -> int:
         """Send what `sync` found, chunk by chunk, clearing each chunk just before sending it
-        (`last`: the switchover's, whose pages KVM need not write-protect again: DirtyTracker.take;
-        `after_chunk`: StreamWriter.write_marked's)."""
+        (`last`: the switchover's, whose pages KVM need not write-protect again: DirtyTracker.take)."""
         before = self.channel.bytes_sent
         memory, tracker = self.source.memory, self.source.tracker
         # a small set (the passes near the switchover, the switchover's own) in one take per range:
@@ -392,5 +385,5 @@ class Precopy:
                 taken = int(np.count_nonzero(dirty))
                 if taken:
                     self.normal_pages += taken
-                    writer.write_marked(r.gpa, buffer, dirty, first, after_chunk)
+                    writer.write_marked(r.gpa, buffer, dirty, first)
         return self.channel.bytes_sent - before

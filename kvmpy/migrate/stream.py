@@ -311,20 +311,16 @@ class StreamWriter:
                 items += sorted(marks)
         self._write_chunks(gpa, view, items)
 
-    def write_marked(self, gpa: int, buffer: Any, mask: np.ndarray, first: int,
-                     after_chunk: Callable[[], None] | None = None) -> None:
+    def write_marked(self, gpa: int, buffer: Any, mask: np.ndarray, first: int) -> None:
         """The pages `first + i` of one range whose mask[i] is set, as write_pages sends them
         for a running guest (gathered, each copy tested for zero and hashed): a dirty pass's
-        pages straight from the tracker's mask, one C call a chunk (pages.pack_marked).
-        `after_chunk` runs between chunks (the switchover writes STATE there once it is ready)."""
+        pages straight from the tracker's mask, one C call a chunk (pages.pack_marked)."""
         view = self._run_view(gpa, buffer)
         if first < 0 or first + len(mask) > view.size // PAGE_SIZE:
             raise MigrationError("writing guest memory", detail=f"pages {first}+{len(mask)} outside the range's "
                                                                  f"{view.size // PAGE_SIZE}")
         for table, data, h in pack_marked(view, mask, first, self.chunk_pages, self._scratch()):
             self._write_chunk(gpa, table, [memoryview(data.reshape(-1))] if data.size else [], copied=True, h=h)
-            if after_chunk is not None:
-                after_chunk()
 
     def _run_view(self, gpa: int, buffer: Any) -> np.ndarray:
         """A RAM range's bytes for write_pages/write_marked, checked: the run layout, a range whose
