@@ -64,7 +64,7 @@ def guest_script(workload: str) -> str:
 def vmm_argv(vmm: str, kernel: Path, initrd: Path, append: str, memory: int) -> list[str]:
     if vmm == "qemu":
         return tier2.qemu_guest_argv(kernel, initrd, append, memory_mib=memory, cpus=2)
-    # INFO: the source's "migrated: ... downtime (pause, last pages, then, destination's load)"
+    # INFO: the source's "migrated: ... downtime (pause, state, last pages, destination's load)"
     # breakdown and the destination's own timings, printed below the round
     return tier2.kvmpy_guest_argv(kernel, initrd, append, memory=f"{memory}M") + ["--smp", "2",
                                                                                   "--log-level", "info"]
