@@ -10,6 +10,12 @@ max-bandwidth on both, `migrate`, poll `query-migrate` until it completes, and c
 destination's console goes on ticking (and a dirtier still runs). Prints total time, downtime, bytes sent and passes, and
 the ratios against the goals (downtime no longer than QEMU's, total time <= 1.2x QEMU's).
 
+The workload `block` is block migration (local storage): an idle guest with a virtio-blk disk of
+--disk-mib MiB of random data on the source's side and an empty sparse image of the same size
+on the destination's, migrated with the `block` capability (QEMU's too); the round checks that
+the destination's image ends equal to the source's, and reports the disk copy rate (the disk's
+bytes over the migration's total time).
+
 Two downtimes, because the VMMs count theirs differently: "downtime" is each one's own figure
 (QEMU's query-migrate stops its clock once the source has sent everything, before the destination
 has loaded a byte; kvmpy's runs until the destination confirms it loaded the guest), and "paused"
@@ -17,11 +23,12 @@ is what the guest lives through, measured the same way for both from outside: th
 event to the destination's RESUME event (QMP timestamps, one clock: both run in the same L1).
 Needs hardware-style /dev/kvm and root (namespaces): `make bench-migrate` runs it in L1.
 
-    python benchmarks/migrate_bench.py [--workloads idle,4,32] [--memory 512]
+    python benchmarks/migrate_bench.py [--workloads idle,4,32,block] [--memory 512] [--disk-mib 256]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import signal
@@ -53,12 +60,42 @@ APPEND = "console=ttyS0 panic=-1 quiet"
 PARAMS = {"downtime-limit": 300, "max-bandwidth": 1 << 30}     # the same for both VMMs
 CONVERGE_S = 120.0              # a migration not switched over by then is cancelled and reported
 ROUND_LIMIT_S = 600             # a round still going then fails (SIGALRM), with both consoles
+BLOCK = "block"                 # the workload migrating a local disk with the guest (see the docstring)
+
+
+def dirties(workload: str) -> bool:
+    """A workload of MiB rewritten (benchmarks/dirtier.c), not an idle guest."""
+    return workload not in ("idle", BLOCK)
 
 
 def guest_script(workload: str) -> str:
-    dirty = "" if workload == "idle" else (
+    dirty = "" if not dirties(workload) else (
         f"cp /dirtier /tmp/dirtier && chmod +x /tmp/dirtier && /tmp/dirtier {int(workload)} &\n")
     return dirty + 'i=0; while true; do echo "KVMPY-TICK $i"; i=$((i+1)); sleep 0.5; done\n'
+
+
+def disk_argv(vmm: str, image: Path) -> list[str]:
+    """One writable raw virtio-blk disk (tier2's QEMU disk is snapshot=on: nothing to migrate)."""
+    if vmm == "qemu":
+        return ["-drive", f"file={image},format=raw,if=none,id=disk0", "-device", "virtio-blk-pci,drive=disk0"]
+    return ["--drive", f"file={image}"]
+
+
+def disk_images(work: Path, vmm: str, template: Path) -> tuple[Path, Path]:
+    """The source's image (a copy of `template`) and the destination's (empty, sparse, the same size)."""
+    src, dst = work / f"{vmm}-src.img", work / f"{vmm}-dst.img"
+    subprocess.run(["cp", "--sparse=never", str(template), str(src)], check=True, timeout=120)
+    with open(dst, "wb") as f:
+        f.truncate(template.stat().st_size)
+    return src, dst
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def vmm_argv(vmm: str, kernel: Path, initrd: Path, append: str, memory: int) -> list[str]:
@@ -101,27 +138,33 @@ DIRTIER_ALIVE = re.compile(rb"KVMPY-DIRTIER-ALIVE \d+\r?\n")
 
 
 def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, work: Path,
-              workload: str = "idle") -> dict:
+              workload: str = "idle", disk_template: Path | None = None) -> dict:
     sock = work / f"{vmm}-src.qmp"
-    base = vmm_argv(vmm, kernel, initrd, append, memory)
+    base = src_base = dst_base = vmm_argv(vmm, kernel, initrd, append, memory)
+    images = None
+    if workload == BLOCK:
+        images = disk_images(work, vmm, disk_template)
+        src_base, dst_base = base + disk_argv(vmm, images[0]), base + disk_argv(vmm, images[1])
     qmp_flag = ["-qmp" if vmm == "qemu" else "--qmp", f"unix:{sock},server=on,wait=off"]
     incoming = ["-incoming" if vmm == "qemu" else "--incoming", f"tcp:{DST_IP}:{PORT}"]
     dst_sock = work / f"{vmm}-dst.qmp"
-    src = Lines(in_ns(SRC_NS, base + qmp_flag))
+    src = Lines(in_ns(SRC_NS, src_base + qmp_flag))
     dst = dst_qmp = None
     info: dict = {}
     signal.signal(signal.SIGALRM, round_overdue)
     signal.alarm(ROUND_LIMIT_S)     # a QEMU 4 MiB round once hung until L1's 1500 s limit took the whole run
     try:
         src.wait_for(re.compile(rb"KVMPY-TICK 4\r?\n"), 300)
-        if workload != "idle":      # the dirtier runs before the migration starts...
+        if dirties(workload):       # the dirtier runs before the migration starts...
             src.wait_for(DIRTIER_ALIVE, 60)
-        dst = Lines(in_ns(DST_NS, base + incoming + [qmp_flag[0], f"unix:{dst_sock},server=on,wait=off"]))
+        dst = Lines(in_ns(DST_NS, dst_base + incoming + [qmp_flag[0], f"unix:{dst_sock},server=on,wait=off"]))
         wait_listening(DST_NS, PORT)
         dst_qmp = QmpClient(str(dst_sock))     # listening before the migration: it hears RESUME
         dst_qmp.connect()
         with QmpClient(str(sock)) as qmp:
             qmp.execute("migrate-set-parameters", PARAMS)
+            if workload == BLOCK:
+                qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "block", "state": True}]})
             qmp.execute("migrate", {"uri": f"tcp:{DST_IP}:{PORT}"})
             deadline = time.monotonic() + CONVERGE_S
             while (info := qmp.execute("query-migrate"))["status"] not in ("completed", "failed",
@@ -144,8 +187,10 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
         paused_ms = round((event_time(dst_qmp.wait_event("RESUME", 60)) - stopped) * 1000)
         # whole ticks only (benchmarks/migrate_ticks.py): the console arrives cut anywhere
         dst.wait_for(WHOLE_TICK, 120)
-        if workload != "idle":      # ...and after it: one that died part way leaves an idle guest
+        if dirties(workload):       # ...and after it: one that died part way leaves an idle guest
             dst.wait_for(DIRTIER_ALIVE, 60)
+        if images is not None and sha256_of(images[1]) != sha256_of(images[0]):
+            raise RuntimeError(f"{vmm}: the destination's disk image differs from the source's")
         drain(src)
         problem = continuation_problem(src.buf, dst.buf)
         if problem is not None:
@@ -177,9 +222,14 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
     if vmm == "kvmpy":      # no breakdown in the log (its wording changed?): "-", never the whole downtime
         m = SOURCE_DOWNTIME_LOGGED.search(src.buf)
         source_ms = round(sum(float(x) for x in m.groups())) if m else None
+    disk = info.get("disk") or {}
+    disk_rate = None            # the disk copy rate: the disk's bytes over the whole migration
+    if disk.get("total") and info.get("total-time"):
+        disk_rate = round(disk["total"] / 2**20 / (info["total-time"] / 1000), 1)
     return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"), "paused_ms": paused_ms,
             "source_ms": source_ms, "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count"),
-            "dst_cpu": dst_cpu}
+            "dst_cpu": dst_cpu, "disk_mib_s": disk_rate,
+            "note": "" if disk_rate is None else f"disk {disk['total'] / 2**20:.0f} MiB at {disk_rate} MiB/s"}
 
 
 def process_cpu(pid: int) -> str | None:
@@ -221,8 +271,9 @@ def fmt(value, unit: str = "") -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default="idle,4,32", help="idle and/or MiB rewritten")
+    ap.add_argument("--workloads", default="idle,4,32", help="idle, block and/or MiB rewritten")
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
+    ap.add_argument("--disk-mib", type=int, default=256, help="the block workload's disk")
     args = ap.parse_args()
     kernel = unpack()
     dirtier = Path(tempfile.mkdtemp(prefix="kvmpy-migbench-")) / "dirtier"
@@ -233,10 +284,16 @@ def main() -> int:
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="kvmpy-migbench-") as tmp:
+            template = None
+            if BLOCK in args.workloads.split(","):      # random: no block of it goes as zero
+                template = Path(tmp) / "disk-template.img"
+                with open(template, "wb") as f:
+                    for _ in range(args.disk_mib):
+                        f.write(os.urandom(1 << 20))
             for workload in args.workloads.split(","):
                 append = f"{APPEND} {tier2.test_script_arg(guest_script(workload))}"
                 for vmm in ("kvmpy", "qemu"):
-                    r = one_round(vmm, kernel.bzimage, initrd, append, args.memory, Path(tmp), workload)
+                    r = one_round(vmm, kernel.bzimage, initrd, append, args.memory, Path(tmp), workload, template)
                     rows.append((workload, vmm, r))
                     print(f"{workload:>6} {vmm:6} {r}", flush=True)
     finally:
@@ -246,7 +303,7 @@ def main() -> int:
     print(f"{'workload':>9} {'vmm':6} {'total':>9} {'downtime':>9} {'source':>9} {'paused':>9} {'sent':>9} {'passes':>6} {'dst CPU u+s':>12}")
     for workload, vmm, r in rows:
         sent = None if r["sent"] is None else f"{r['sent'] / 2**20:.1f}"
-        print(f"{workload + ('' if workload == 'idle' else ' MiB'):>9} {vmm:6} "
+        print(f"{workload + ('' if workload in ('idle', BLOCK) else ' MiB'):>9} {vmm:6} "
               f"{fmt(r['total_ms'], ' ms'):>9} {fmt(r['downtime_ms'], ' ms'):>9} "
               f"{fmt(r.get('source_ms'), ' ms'):>9} {fmt(r.get('paused_ms'), ' ms'):>9} {fmt(sent, ' MiB'):>9} {fmt(r['passes']):>6} {fmt(r.get('dst_cpu')):>12} {r.get('note', '')}")
     print("\ngoals: downtime <= QEMU's; total time <= 1.2x QEMU's. \"downtime\": each VMM's own "
@@ -265,6 +322,11 @@ def main() -> int:
         total = k["total_ms"] / max(q["total_ms"], 1)
         print(f"{workload:>9}: {k['rounds']}/{q['rounds']} rounds, total {total:.2f}x QEMU "
               f"({'met' if total <= 1.2 else 'NOT met'}), " + ", ".join(verdicts))
+        rates = [[r["disk_mib_s"] for w, v, r in rows if w == workload and v == vmm and r.get("disk_mib_s")]
+                 for vmm in ("kvmpy", "qemu")]
+        if all(rates):
+            print(f"{'':>9}  disk copy rate {statistics.median(rates[0])} vs {statistics.median(rates[1])} MiB/s "
+                  f"(median; the disk's bytes over the total time)")
     return 0
 
 
