@@ -141,9 +141,10 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
               workload: str = "idle", disk_template: Path | None = None) -> dict:
     sock = work / f"{vmm}-src.qmp"
     base = src_base = dst_base = vmm_argv(vmm, kernel, initrd, append, memory)
-    images = None
+    images = disk_mib = None
     if workload == BLOCK:
         images = disk_images(work, vmm, disk_template)
+        disk_mib = disk_template.stat().st_size / 2**20
         src_base, dst_base = base + disk_argv(vmm, images[0]), base + disk_argv(vmm, images[1])
     qmp_flag = ["-qmp" if vmm == "qemu" else "--qmp", f"unix:{sock},server=on,wait=off"]
     incoming = ["-incoming" if vmm == "qemu" else "--incoming", f"tcp:{DST_IP}:{PORT}"]
@@ -213,6 +214,8 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
         src.kill()
         if dst is not None:
             dst.kill()
+        for image in images or ():      # L1's /tmp is its RAM
+            image.unlink(missing_ok=True)
     ram = info.get("ram", {})
     print(f"{vmm}: {info}", flush=True)
     for where, lines in (("source", src), ("destination", dst)):
@@ -222,14 +225,17 @@ def one_round(vmm: str, kernel: Path, initrd: Path, append: str, memory: int, wo
     if vmm == "kvmpy":      # no breakdown in the log (its wording changed?): "-", never the whole downtime
         m = SOURCE_DOWNTIME_LOGGED.search(src.buf)
         source_ms = round(sum(float(x) for x in m.groups())) if m else None
-    disk = info.get("disk") or {}
-    disk_rate = None            # the disk copy rate: the disk's bytes over the whole migration
-    if disk.get("total") and info.get("total-time"):
-        disk_rate = round(disk["total"] / 2**20 / (info["total-time"] / 1000), 1)
+    # the disk copy rate: the disk's bytes over the whole migration. The image's size, not
+    # query-migrate's "disk", which QEMU drops once the migration completed (the images' check
+    # above says the whole disk arrived)
+    disk_rate = None
+    if disk_mib is not None and info.get("total-time"):
+        disk_rate = round(disk_mib / (info["total-time"] / 1000), 1)
     return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"), "paused_ms": paused_ms,
             "source_ms": source_ms, "sent": ram.get("transferred"), "passes": ram.get("dirty-sync-count"),
             "dst_cpu": dst_cpu, "disk_mib_s": disk_rate,
-            "note": "" if disk_rate is None else f"disk {disk['total'] / 2**20:.0f} MiB at {disk_rate} MiB/s"}
+            "note": "" if disk_rate is None else f"disk {disk_mib:.0f} MiB at {disk_rate} MiB/s"
+                                                 + (" (sent: RAM only)" if vmm == "qemu" else "")}
 
 
 def process_cpu(pid: int) -> str | None:
