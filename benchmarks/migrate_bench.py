@@ -277,7 +277,7 @@ def fmt(value, unit: str = "") -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default="idle,4,32", help="idle, block and/or MiB rewritten")
+    ap.add_argument("--workloads", default="idle,4,32,block", help="idle, block and/or MiB rewritten")
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
     ap.add_argument("--disk-mib", type=int, default=256, help="the block workload's disk")
     args = ap.parse_args()
@@ -309,7 +309,7 @@ def main() -> int:
     print(f"{'workload':>9} {'vmm':6} {'total':>9} {'downtime':>9} {'source':>9} {'paused':>9} {'sent':>9} {'passes':>6} {'dst CPU u+s':>12}")
     for workload, vmm, r in rows:
         sent = None if r["sent"] is None else f"{r['sent'] / 2**20:.1f}"
-        print(f"{workload + ('' if workload in ('idle', BLOCK) else ' MiB'):>9} {vmm:6} "
+        print(f"{workload + (' MiB' if dirties(workload) else ''):>9} {vmm:6} "
               f"{fmt(r['total_ms'], ' ms'):>9} {fmt(r['downtime_ms'], ' ms'):>9} "
               f"{fmt(r.get('source_ms'), ' ms'):>9} {fmt(r.get('paused_ms'), ' ms'):>9} {fmt(sent, ' MiB'):>9} {fmt(r['passes']):>6} {fmt(r.get('dst_cpu')):>12} {r.get('note', '')}")
     print("\ngoals: downtime <= QEMU's; total time <= 1.2x QEMU's. \"downtime\": each VMM's own "

@@ -24,7 +24,7 @@ bench-snapshot: venv
 
 # Live migration, kvmpy vs QEMU, between two network namespaces in one L1 (benchmarks/migrate_bench.py):
 # idle, 4 MiB and 32 MiB rewritten continuously.
-MIG_WORKLOADS ?= idle,4,32
+MIG_WORKLOADS ?= idle,4,32,block
 .PHONY: bench-migrate
 bench-migrate: venv
 	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/migrate_bench.py --workloads $(MIG_WORKLOADS)'
