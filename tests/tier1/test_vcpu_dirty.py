@@ -74,3 +74,21 @@ def test_dirty_ring_holds_exactly_the_written_pages(kvm_available):
         assert tiny.vm.harvest_dirty_rings() == []
         run_dirty_guest(tiny, PAGES[:2])  # re-protected after reset: reported again
         assert sorted({offset for _, offset in tiny.vm.harvest_dirty_rings()}) == PAGES[:2]
+
+
+def test_dirty_ring_harvest_wraps_around_the_ring(kvm_available):
+    """A 256-entry ring harvested and reset after each of 60 runs: the fetch index passes the
+    ring's end (entry 255 to 0) and every harvest still holds exactly the pages of its run."""
+    if not host_check_extension(KVM_CAP_DIRTY_LOG_RING_ACQ_REL, on_vm=True) \
+            and not host_check_extension(KVM_CAP_DIRTY_LOG_RING, on_vm=True):
+        pytest.skip("this host's KVM lacks KVM_CAP_DIRTY_LOG_RING (192) and _ACQ_REL (223)")
+    with TinyTestVm.create(dirty_ring_bytes=4096, slot_flags=lib.KVM_MEM_LOG_DIRTY_PAGES) as tiny:
+        harvested = 0
+        for round_ in range(60):
+            pages = PAGES if round_ % 2 else PAGES[::-1]
+            run_dirty_guest(tiny, pages)
+            slots, offsets = tiny.vcpu.harvest_dirty_ring_arrays()
+            assert sorted(set(offsets.tolist())) == PAGES and set(slots.tolist()) <= {0}
+            harvested += len(offsets)
+            tiny.vm.reset_dirty_rings()
+        assert harvested > 256 * 1.2       # went round the ring
