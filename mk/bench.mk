@@ -38,3 +38,10 @@ NET_ARGS    ?=# more net_bench.py flags, e.g. NET_ARGS='--vmms kvmpy-vhost --kvm
 bench-net: venv
 	@$(VPY) benchmarks/net_bench.py --prepare >/dev/null || exit 1; \
 	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/net_bench.py --rounds $(NET_ROUNDS) --seconds $(NET_SECONDS) $(NET_ARGS)'
+
+# Dirty tracking for live migration, KVM's dirty log against its dirty ring (benchmarks/dirty_track_bench.py),
+# in one L1: the tracked guest's write rate and the harvest's cost, per mechanism.
+DIRTY_ARGS ?= --seconds 5 --rounds 3 --period 1000 --ring-entries 4096
+.PHONY: bench-dirty
+bench-dirty: venv guests
+	$(NESTED) run $(NESTED_OPTS) -- 'cd $(CURDIR) && $(abspath $(VPY)) benchmarks/dirty_track_bench.py $(DIRTY_ARGS)'
