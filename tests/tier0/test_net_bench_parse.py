@@ -47,3 +47,28 @@ def test_no_reply_lines_leave_the_median_unknown():
     text = "\r\n".join(line for line in console().splitlines() if "bytes from" not in line)
     s = parse_results(text)
     assert s is not None and s.rtt_median_ms is None
+
+
+TCPEXT_NAMES = "SyncookiesSent DelayedACKs TCPHystartTrainDetect TCPHystartTrainCwnd TCPHystartDelayDetect TCPHystartDelayCwnd TCPOrigDataSent"
+
+
+def with_tcpext(values: str | None, names: str = TCPEXT_NAMES) -> str:
+    out = console()
+    if values is not None:
+        out += f"NETBENCH-TCPEXT TcpExt: {names}\r\nNETBENCH-TCPEXT TcpExt: {values}\r\n"
+    return out
+
+
+def test_where_the_guest_left_slow_start():
+    """The guest's own TcpExt counters, as its kernel prints them: an ACK-train exit at 64
+    segments (what held kvmpy's 5 s runs at ~300 KB of window), a delay exit, neither."""
+    assert parse_results(with_tcpext("0 1 1 64 0 0 48013")).slow_start == "ACK train at cwnd 64"
+    assert parse_results(with_tcpext("0 1 0 0 1 1185 60008")).slow_start == "delay at cwnd 1185"
+    assert parse_results(with_tcpext("0 1 0 0 0 0 110419")).slow_start == "not by HyStart"
+
+
+def test_missing_or_garbled_counters_say_nothing_and_cost_no_figure():
+    for values in (None, "0 1 1", "0 1 x 64 0 0 1"):
+        s = parse_results(with_tcpext(values))
+        assert s is not None and s.tx_mbps == 241.0
+        assert s.slow_start == ""
