@@ -90,14 +90,18 @@ class Tracked:
         self.ring_pending = np.zeros(self.npages, dtype=bool)   # what ring-full exits collected
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run_vcpu, name="vcpu0", daemon=True)
-        vcpu = self.tiny.vcpu
-        entry = load_kernel(self.tiny.memory, str(HOTSET), "")
-        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-        apply_entry(regs, sregs, entry)
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(regs)
-        if mode == "log":
-            self.tiny.vm.enable_manual_dirty_log_protect()
+        try:
+            vcpu = self.tiny.vcpu
+            entry = load_kernel(self.tiny.memory, str(HOTSET), "")
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            apply_entry(regs, sregs, entry)
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(regs)
+            if mode == "log":
+                self.tiny.vm.enable_manual_dirty_log_protect()
+        except BaseException:
+            self.tiny.close()
+            raise
 
     def close(self) -> None:
         self.stop.set()
