@@ -13,7 +13,7 @@ Goals (issue 12): with vhost >= 0.95x QEMU with vhost; in userspace >= 0.5x QEMU
 
 TCP's hybrid slow start (CUBIC's HyStart) is off by default, in the guest (the guest->host
 sender) and in L1 (the host->guest sender, put back afterwards; a real host's TCP is left alone);
-`--hystart on` keeps it. Why: a 5 s run is mostly the window's growth, and in L1 HyStart ends slow
+`--hystart on` keeps it. Why: a short run is mostly the window's growth, and in L1 HyStart ends slow
 start at random points. With it on, kvmpy's guest left slow start by ACK-train detection at a
 window of 64 segments in 3 of 4 runs (the window then crept up from ~300 KB: 130-150 Mbit/s
 guest->host), QEMU's by delay detection at ~1000-1185 segments (1-1.6 MB: 140-180 Mbit/s);
@@ -89,7 +89,7 @@ IPERF_RE = re.compile(r"NETBENCH-(TX|RX) .*?([\d.]+) Mbits/sec.*receiver")
 STAT_RE = re.compile(r"NETBENCH-STAT([01]) cpu\s+([\d ]+)")
 # the guest's TcpExt counters after both runs (a names line, then a values line): where its
 # CUBIC left slow start in the guest->host run (HyStart's ACK-train or delay detection, and at
-# which congestion window, in segments), which decides a 5 s run's rate (see --hystart)
+# which congestion window, in segments), which decides a short run's rate (see --hystart)
 TCPEXT_RE = re.compile(r"NETBENCH-TCPEXT TcpExt: (.*)")
 
 
@@ -378,7 +378,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", action="store_true", help="build the kernel and the initrd; print the initrd")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 -t, each direction")
+    ap.add_argument("--seconds", type=float, default=10.0, help="iperf3 -t, each direction (its own default)")
     ap.add_argument("--vmms", default=",".join(VMMS))
     ap.add_argument("--hystart", choices=("on", "off"), default="off",
                     help="CUBIC's hybrid slow start in the guest and in L1 (off by default: see the docstring)")

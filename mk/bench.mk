@@ -31,8 +31,8 @@ bench-migrate: venv
 
 # virtio-net, kvmpy vs QEMU, vhost-net on and off (benchmarks/net_bench.py), in one L1: iperf3
 # both ways and ping over a link-local TAP. The guest initrd (with iperf3) is built on the host first.
-NET_ROUNDS  ?= 2
-NET_SECONDS ?= 5
+NET_ROUNDS  ?= 3
+NET_SECONDS ?= 10# iperf3's own default: 5 s runs were mostly the window's growth
 NET_ARGS    ?=# more net_bench.py flags, e.g. NET_ARGS='--vmms kvmpy-vhost --kvmpy-args=--stats'
 .PHONY: bench-net
 bench-net: venv
