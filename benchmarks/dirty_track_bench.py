@@ -47,7 +47,7 @@ from kvmpy.boot.loader import load_kernel  # noqa: E402
 from kvmpy.devices.bus import Bus  # noqa: E402
 from kvmpy.errors import KvmpyError  # noqa: E402
 from kvmpy.ioctl import lib  # noqa: E402
-from kvmpy.memslots import PAGE_SIZE, bitmap_to_pages, pages_to_bitmap  # noqa: E402
+from kvmpy.memslots import PAGE_SIZE, bitmap_to_pages  # noqa: E402
 from kvmpy.vcpu.dispatch import ExitDispatcher  # noqa: E402
 from kvmpy.vcpu.runner import KICK_SIGNAL, install_kick_signal  # noqa: E402
 from support.tinyguest import GUEST_DIR, TinyTestVm  # noqa: E402
@@ -154,7 +154,7 @@ class Tracked:
             dirty = np.zeros(self.npages, dtype=bool)
             pages = bitmap_to_pages(bitmap, self.npages)
             if pages.size:
-                vm.clear_dirty_log(0, 0, self.npages, pages_to_bitmap(pages, self.npages))
+                vm.clear_dirty_log(0, 0, self.npages, bitmap)    # exactly what GET reported
                 dirty[pages] = True
             return dirty
         with self.ring_lock:
