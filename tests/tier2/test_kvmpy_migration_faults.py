@@ -134,8 +134,18 @@ class Vmm:
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise AssertionError(f"{self.name} is gone: {self.ended()}") from None
+
+    def ended(self) -> str:
+        """How the process ended, with the tails of its console and its stderr (a test that
+        finds it gone says why, not just "broken pipe")."""
+        status = self.wait(10)
+        return (f"exit status {status}; console tail:\n{self.text[-1500:]}\nstderr:\n"
+                + "\n".join(self.errors[-20:]))
 
     def wait(self, timeout: float) -> int | None:
         """The exit status (None if it still runs after `timeout`); once it has ended, all of
@@ -184,6 +194,8 @@ class Source:
                 "--drive", f"file={image}", *(["--rng"] if rng else []), *extra]
 
     def qmp(self, command: str, arguments: dict | None = None):
+        if self.vmm.proc.poll() is not None:
+            raise AssertionError(f"the source is gone before {command}: {self.vmm.ended()}")
         with QmpClient(f"unix:{self.qmp_path}", timeout=60) as client:
             return client.execute(command, arguments)
 
