@@ -128,7 +128,7 @@ class Vmm:
                 ended = self.proc.poll()
                 assert left > 0 and ended is None, (
                     f"{self.name}: no {pattern!r} ({'timed out' if ended is None else f'exited {ended}'}); "
-                    f"console tail:\n{self.text[-1500:]}\nstderr:\n" + "\n".join(self.errors[-20:]))
+                    + self.tails())
                 self._more.wait(min(left, 0.5))
         return m
 
@@ -140,12 +140,13 @@ class Vmm:
         except BrokenPipeError:
             raise AssertionError(f"{self.name} is gone: {self.ended()}") from None
 
+    def tails(self) -> str:
+        return f"console tail:\n{self.text[-1500:]}\nstderr:\n" + "\n".join(self.errors[-20:])
+
     def ended(self) -> str:
         """How the process ended, with the tails of its console and its stderr (a test that
         finds it gone says why, not just "broken pipe")."""
-        status = self.wait(10)
-        return (f"exit status {status}; console tail:\n{self.text[-1500:]}\nstderr:\n"
-                + "\n".join(self.errors[-20:]))
+        return f"exit status {self.wait(10)}; {self.tails()}"
 
     def wait(self, timeout: float) -> int | None:
         """The exit status (None if it still runs after `timeout`); once it has ended, all of
